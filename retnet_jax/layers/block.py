@@ -1,0 +1,47 @@
+"""The RetNet block (SPEC section 5): retention then FFN, each with a residual and a norm."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.layers.feedforward import FeedForward
+from retnet_jax.layers.norms import Norm
+from retnet_jax.layers.retention import MultiScaleRetention
+from retnet_jax.ops import RetentionState
+
+
+class RetNetBlock(nnx.Module):
+    """Pre-norm: `Y = X + MSR(norm(X))`, `X' = Y + FFN(norm(Y))` (paper eq. 9).
+
+    With `cfg.deepnorm`, post-norm DeepNet: `X = norm(alpha X + MSR(X))`, `X = norm(alpha X + FFN(X))`,
+    `alpha = (2L)**0.25`, and fc1, fc2, out_proj and v_proj start divided by `(8L)**0.25`.
+    """
+
+    def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        norm = lambda: Norm(cfg.d_model, cfg.norm, cfg.norm_eps, dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype)
+        self.retention_norm = norm()
+        self.retention = MultiScaleRetention(cfg, rngs=rngs)
+        self.ffn_norm = norm()
+        self.ffn = FeedForward(cfg, rngs=rngs)
+        if cfg.deepnorm:
+            shrink = (8.0 * cfg.n_layers) ** 0.25
+            self.ffn.in_proj[...] = self.ffn.in_proj[...].at[:, 0].divide(shrink)
+            self.ffn.out_proj[...] = self.ffn.out_proj[...] / shrink
+            self.retention.out_proj[...] = self.retention.out_proj[...] / shrink
+            self.retention.vg_proj[...] = self.retention.vg_proj[...].at[:, 0].divide(shrink)
+
+    def __call__(
+        self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int
+    ) -> tuple[jax.Array, RetentionState]:
+        if self.cfg.deepnorm:
+            alpha = (2.0 * self.cfg.n_layers) ** 0.25
+            y, state = self.retention(x_btd, state, mode=mode, chunk_size=chunk_size)
+            x_btd = self.retention_norm(alpha * x_btd + y)
+            return self.ffn_norm(alpha * x_btd + self.ffn(x_btd)), state
+        y, state = self.retention(self.retention_norm(x_btd), state, mode=mode, chunk_size=chunk_size)
+        x_btd = x_btd + y
+        return x_btd + self.ffn(self.ffn_norm(x_btd)), state

@@ -1,0 +1,38 @@
+"""The feed-forward network: torchscale 0.3.0's GLU or the paper's plain `gelu(x W1) W2`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retnet_jax.config import RetNetConfig
+from retnet_jax.layers.initializers import stacked, torch_linear_default
+
+# Exact (erf) gelu, as torch's default.
+ACTIVATIONS = {"gelu": functools.partial(jax.nn.gelu, approximate=False), "swish": jax.nn.swish}
+
+
+class FeedForward(nnx.Module):
+    """GLU: `fc2(act(x fc1) * (x gate))`; plain: `fc2(act(x fc1))`. No biases.
+
+    `in_proj [d, 2, ffn]` holds fc1 then gate (GLU) or `[d, 1, ffn]` (plain); `out_proj [ffn, d]`.
+    """
+
+    def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, f, pd = cfg.d_model, cfg.ffn_dim, cfg.param_dtype
+        n_in = 2 if cfg.ffn == "glu" else 1
+        self.in_proj = nnx.Param(stacked(rngs.params(), n_in, lambda k: torch_linear_default(
+            k, d, (d, f), pd)))
+        self.out_proj = nnx.Param(torch_linear_default(rngs.params(), f, (f, d), pd))
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        h_btsf = jnp.einsum("btd,dsf->btsf", x_btd.astype(cfg.dtype), self.in_proj[...].astype(cfg.dtype))
+        hidden = ACTIVATIONS[cfg.activation](h_btsf[:, :, 0])
+        if cfg.ffn == "glu":
+            hidden = hidden * h_btsf[:, :, 1]
+        return hidden @ self.out_proj[...].astype(cfg.dtype)

@@ -1,0 +1,77 @@
+"""Gated multi-scale retention (paper eq. 8; SPEC sections 2 and 4) around the pure ops."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.layers.initializers import stacked, xavier_uniform
+from retnet_jax.layers.norms import HeadNorm
+from retnet_jax.ops import (
+    RetentionState,
+    chunkwise_retention,
+    log_decay,
+    parallel_retention,
+    recurrent_retention,
+    rotate,
+    rotation_frequencies,
+)
+
+QKVG_GAIN = 2.0**-2.5  # torchscale 0.3.0's xavier gain for q, k, v and g
+
+
+class MultiScaleRetention(nnx.Module):
+    """`Y = (swish(X Wg) * HeadNorm(Retention(X))) Wo`, heads differing only in their decay.
+
+    Parameters are fused for fewer, larger matmuls: `qk_proj [d, 2, d]` (q then k) and
+    `vg_proj [d, 2, value_dim]` (v then g); `out_proj [value_dim, d]`. No biases (0.3.0).
+    """
+
+    def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, vd, pd = cfg.d_model, cfg.value_dim, cfg.param_dtype
+        self.qk_proj = nnx.Param(stacked(rngs.params(), 2, lambda k: xavier_uniform(
+            k, d, d, (d, d), QKVG_GAIN, pd)))
+        self.vg_proj = nnx.Param(stacked(rngs.params(), 2, lambda k: xavier_uniform(
+            k, d, vd, (d, vd), QKVG_GAIN, pd)))
+        self.out_proj = nnx.Param(xavier_uniform(rngs.params(), vd, d, (vd, d), 1.0, pd))
+        self.head_norm = HeadNorm(cfg.n_heads, cfg.value_head_dim, cfg.head_norm, cfg.head_norm_eps,
+                                  param_dtype=pd)
+        # Constants, not parameters: float32 whatever the compute dtype (SPEC section 8).
+        self.log_decay_h = nnx.Variable(jnp.asarray(log_decay(cfg.n_heads, cfg.decay)))
+        self.freqs_p = nnx.Variable(jnp.asarray(rotation_frequencies(cfg.key_head_dim)))
+
+    def __call__(
+        self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int
+    ) -> tuple[jax.Array, RetentionState]:
+        cfg = self.cfg
+        batch, length, _ = x_btd.shape
+        heads, dk, dv = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
+        x_btd = x_btd.astype(cfg.dtype)
+        qk_bt2d = jnp.einsum("btd,dse->btse", x_btd, self.qk_proj[...].astype(cfg.dtype))
+        vg_bt2e = jnp.einsum("btd,dse->btse", x_btd, self.vg_proj[...].astype(cfg.dtype))
+        q_bthk = qk_bt2d[:, :, 0].reshape(batch, length, heads, dk)
+        k_bthk = (qk_bt2d[:, :, 1] * dk**-0.5).reshape(batch, length, heads, dk)
+        v_bthv = vg_bt2e[:, :, 0].reshape(batch, length, heads, dv)
+        gate_bte = vg_bt2e[:, :, 1]
+
+        position_bt = state.position_b[:, None] + jnp.arange(length)[None, :]
+        freqs = self.freqs_p[...]
+        q_bthk, k_bthk = rotate(q_bthk, position_bt, freqs), rotate(k_bthk, position_bt, freqs)
+
+        log_decay_h = self.log_decay_h[...]
+        if mode == "parallel":
+            o_bthv, state = parallel_retention(q_bthk, k_bthk, v_bthv, log_decay_h, state)
+        elif mode == "chunkwise":
+            o_bthv, state = chunkwise_retention(
+                q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk_size=chunk_size)
+        elif mode == "recurrent":
+            o_bthv, state = recurrent_retention(q_bthk, k_bthk, v_bthv, log_decay_h, state)
+        else:
+            raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
+
+        o_bte = self.head_norm(o_bthv).reshape(batch, length, cfg.value_dim)
+        gated_bte = (jax.nn.swish(gate_bte.astype(jnp.float32)) * o_bte).astype(cfg.dtype)
+        return gated_bte @ self.out_proj[...].astype(cfg.dtype), state

@@ -1,0 +1,124 @@
+"""The RetNet language model: embedding, a scanned stack of blocks, final norm, output projection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.layers.block import RetNetBlock
+from retnet_jax.layers.norms import Norm
+from retnet_jax.ops import RetentionState, init_state
+
+MODES = ("parallel", "chunkwise", "recurrent")
+
+
+class RetNet(nnx.Module):
+    """`model(tokens [B, T], mode=..., state=None) -> (logits [B, T, vocab] float32, state)`.
+
+    The blocks are created with `nnx.vmap` and run with `jax.lax.scan`, so compile time does not grow
+    with depth. The state is a `RetentionState` whose arrays carry a leading layer axis `[L, ...]`.
+    """
+
+    def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, pd = cfg.d_model, cfg.param_dtype
+        self.embed = nnx.Param(
+            (jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) * d**-0.5).astype(pd))
+        self.embed_norm = (Norm(d, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=pd)
+                           if cfg.embedding_norm else None)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> RetNetBlock:
+            return RetNetBlock(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        # DeepNet blocks end in a norm already; there is no final norm then (as in torchscale).
+        self.final_norm = (None if cfg.deepnorm else
+                           Norm(d, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=pd))
+        self.unembed = None if cfg.tie_embeddings else nnx.Param(
+            (jax.random.normal(rngs.params(), (d, cfg.vocab_size), jnp.float32) * d**-0.5).astype(pd))
+
+    def init_state(self, batch: int) -> RetentionState:
+        """An empty state for `batch` sequences: `[L, B, H, dk, dv]` sums, positions `[L, B]` at 0."""
+        cfg = self.cfg
+        one = init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_layers, *x.shape)), one)
+
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        *,
+        mode: Mode = "parallel",
+        state: RetentionState | None = None,
+        chunk_size: int | None = None,
+    ) -> tuple[jax.Array, RetentionState]:
+        """Logits for `tokens [B, T]` (int), continuing from `state` (None: a fresh sequence).
+
+        mode: "parallel" (O(T**2) training form), "chunkwise" (linear, chunks of `chunk_size`, default
+        `cfg.chunk_size`) or "recurrent" (token by token; decoding). All three give the same logits.
+        """
+        cfg = self.cfg
+        tokens_bt = _check_tokens(tokens_bt, cfg.vocab_size)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        batch = tokens_bt.shape[0]
+        state = self.init_state(batch) if state is None else _check_model_state(state, self, batch)
+
+        # Out-of-range ids under jit (not checkable eagerly) give NaN rows, never a silent clamp.
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="fill", fill_value=jnp.nan)
+        x_btd = x_btd.astype(cfg.dtype)
+        if cfg.scale_embedding:
+            x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
+        if self.embed_norm is not None:
+            x_btd = self.embed_norm(x_btd)
+
+        graphdef, block_params = nnx.split(self.blocks)
+
+        def layer(x_btd, params_and_state):
+            params, layer_state = params_and_state
+            block = nnx.merge(graphdef, params)
+            return block(x_btd, layer_state, mode=mode, chunk_size=chunk_size)
+
+        x_btd, state = jax.lax.scan(layer, x_btd, (block_params, state))
+
+        if self.final_norm is not None:
+            x_btd = self.final_norm(x_btd)
+        unembed = self.embed[...].T if self.unembed is None else self.unembed[...]
+        logits = jnp.einsum("btd,dv->btv", x_btd, unembed.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits, state
+
+
+def _check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
+    tokens_bt = jnp.asarray(tokens_bt)
+    if tokens_bt.ndim != 2:
+        raise ValueError(f"tokens must have shape [B, T] (batch, time), got {tokens_bt.shape}")
+    if not jnp.issubdtype(tokens_bt.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens_bt.dtype}")
+    if tokens_bt.shape[1] == 0:
+        raise ValueError("tokens must hold at least one time step, got T = 0")
+    if not isinstance(tokens_bt, jax.core.Tracer):
+        low, high = int(tokens_bt.min()), int(tokens_bt.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size) = [0, {vocab_size}), got ids in [{low}, {high}]")
+    return tokens_bt
+
+
+def _check_model_state(state, model: RetNet, batch: int) -> RetentionState:
+    cfg = model.cfg
+    if not isinstance(state, RetentionState):
+        raise ValueError(f"state must be the RetentionState a RetNet call returned, got {type(state)}")
+    want = (cfg.n_layers, batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
+    if tuple(state.kv_bhkv.shape) != want:
+        raise ValueError(
+            f"state.kv_bhkv must have shape [L, B, H, dk, dv] = {want} for this model and tokens "
+            f"of batch {batch}, got {tuple(state.kv_bhkv.shape)}")
+    return state

@@ -1,0 +1,64 @@
+"""The parallel form of retention (paper eq. 5; SPEC section 3): one `[T, T]` einsum per head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.state import RetentionState
+from retnet_jax.ops.validation import as_log_decay, check_qkv, check_state
+
+
+def parallel_retention(
+    q_bthk: jax.Array,
+    k_bthk: jax.Array,
+    v_bthv: jax.Array,
+    log_decay_h: jax.Array,
+    state: RetentionState | None = None,
+) -> tuple[jax.Array, RetentionState]:
+    """Retention of a whole block of T tokens at once, continuing from `state`.
+
+    Args:
+      q_bthk, k_bthk: rotated queries and (scaled, rotated) keys `[B, T, H, dk]`; time is axis 1.
+      v_bthv: values `[B, T, H, dv]`.
+      log_decay_h: `log(gamma_h)`, `[H]`.
+      state: what earlier tokens left behind (None: start at position 0).
+
+    Returns:
+      `o [B, T, H, dv]` in v's dtype, and the state after the T tokens.
+
+    Row n is `sum_m D~[n, m] (q~_n . k~_m) v_m` over this block plus `gamma**(i+1) q~_n S_prev` from
+    the state, divided by `max(|row sum|, 1)` (stop-gradient), with `D~` normalised by the absolute
+    position of row n. Memory is O(T**2): use `chunkwise_retention` for long sequences.
+    """
+    batch, length, heads, key_dim, value_dim = check_qkv(q_bthk, k_bthk, v_bthv, log_decay_h)
+    state = check_state(state, batch, heads, key_dim, value_dim, v_bthv.dtype)
+    log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
+    acc = log_decay_h.dtype
+
+    mask_hnm = causal_decay_mask(length, log_decay_h)
+    scores_bhnm = jnp.einsum("bnhk,bmhk->bhnm", q_bthk, k_bthk, preferred_element_type=acc) * mask_hnm
+    numerator_bnhv = jnp.einsum(
+        "bhnm,bmhv->bnhv", scores_bhnm.astype(v_bthv.dtype), v_bthv, preferred_element_type=acc)
+    row_sum_bnh = jnp.swapaxes(scores_bhnm.sum(-1), 1, 2)
+
+    # What the state carries in: gamma**(n+1) q~_n S_prev for block-relative row n.
+    t = jnp.arange(length)
+    q_decayed_bnhk = q_bthk.astype(acc) * decay_powers(t + 1, log_decay_h)[None, :, :, None]
+    numerator_bnhv += jnp.einsum("bnhk,bhkv->bnhv", q_decayed_bnhk, state.kv_bhkv)
+    row_sum_bnh += jnp.einsum("bnhk,bhk->bnh", q_decayed_bnhk, state.key_bhk)
+
+    position_bt = state.position_b[:, None] + t[None, :]
+    out_bnhv = normalise_rows(numerator_bnhv, row_sum_bnh, position_bt, log_decay_h)
+
+    # Fold the block into the state: S_T = gamma**T S_0 + sum_m gamma**(T-1-m) k~_m^T v_m.
+    k_decayed_bmhk = k_bthk.astype(acc) * decay_powers(length - 1 - t, log_decay_h)[None, :, :, None]
+    carry_h = jnp.exp(length * log_decay_h)
+    new_state = RetentionState(
+        kv_bhkv=carry_h[:, None, None] * state.kv_bhkv
+        + jnp.einsum("bmhk,bmhv->bhkv", k_decayed_bmhk, v_bthv.astype(acc)),
+        key_bhk=carry_h[:, None] * state.key_bhk + k_decayed_bmhk.sum(1),
+        position_b=state.position_b + length,
+    )
+    return out_bnhv.astype(v_bthv.dtype), new_state
