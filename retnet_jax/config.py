@@ -91,14 +91,16 @@ class RetNetConfig:
 _PAPER = dict(decay="paper", ffn="plain", activation="gelu", norm="layernorm", head_norm="groupnorm",
               vocab_size=50257, chunk_size=512)
 
+_OFFICIAL = dict(ffn="glu", activation="swish", scale_embedding=True, vocab_size=50257, chunk_size=512)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and the CPU demo: 2 layers, 2 heads of dk=32, dv=64.
     "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=2, value_dim=128, ffn_dim=128,
                  chunk_size=16),
-    # torchscale's fairseq sizes (value and FFN widths about 1.7 d, GLU FFN).
-    "base": dict(vocab_size=50257, d_model=512, n_layers=6, n_heads=2, value_dim=864, ffn_dim=864),
-    "medium": dict(vocab_size=50257, d_model=1024, n_layers=16, n_heads=4, value_dim=1728,
-                   ffn_dim=1728),
+    # torchscale's fairseq `retnet_base` / `retnet_medium`: GLU FFN with swish, value and FFN widths
+    # about 1.7 d, embeddings scaled by sqrt(d) (fairseq leaves no_scale_embedding False).
+    "base": dict(_OFFICIAL, d_model=512, n_layers=6, n_heads=2, value_dim=864, ffn_dim=864),
+    "medium": dict(_OFFICIAL, d_model=1024, n_layers=16, n_heads=4, value_dim=1728, ffn_dim=1728),
     "1.3b": dict(_PAPER, d_model=2048, n_layers=24, n_heads=8, value_dim=4096, ffn_dim=4096),
     "2.7b": dict(_PAPER, d_model=2560, n_layers=32, n_heads=10, value_dim=5120, ffn_dim=5120),
     "6.7b": dict(_PAPER, d_model=4096, n_layers=32, n_heads=16, value_dim=8192, ffn_dim=8192),
