@@ -17,11 +17,11 @@ from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_chunk_size, check_qkv, check_state
 
 
-def _to_chunks(x_bt_, num_chunks: int, chunk: int) -> jax.Array:
-    """`[B, T, ...]` -> `[B, N, C, ...]`, zero-padding T up to `N * C`."""
-    pad = num_chunks * chunk - x_bt_.shape[1]
-    x_bt_ = jnp.pad(x_bt_, [(0, 0), (0, pad)] + [(0, 0)] * (x_bt_.ndim - 2))
-    return x_bt_.reshape(x_bt_.shape[0], num_chunks, chunk, *x_bt_.shape[2:])
+def _to_chunks(x_bhtd: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
+    """`[B, H, T, d]` -> `[B, H, N, C, d]`, zero-padding T up to `N * C`."""
+    batch, heads, length, width = x_bhtd.shape
+    x_bhtd = jnp.pad(x_bhtd, [(0, 0), (0, 0), (0, num_chunks * chunk - length), (0, 0)])
+    return x_bhtd.reshape(batch, heads, num_chunks, chunk, width)
 
 
 def chunkwise_retention(
@@ -49,27 +49,27 @@ def chunkwise_retention(
     valid_n = np.full((num_chunks,), chunk)
     valid_n[-1] = length - (num_chunks - 1) * chunk
 
-    q_bnchk, k_bnchk, v_bnchv = (_to_chunks(x, num_chunks, chunk) for x in (q_bthk, k_bthk, v_bthv))
+    # Head-major chunks [B, H, N, C, d]: every einsum below is a plain batched matmul.
+    q_bhnck, k_bhnck, v_bhncv = (
+        _to_chunks(jnp.swapaxes(x, 1, 2), num_chunks, chunk) for x in (q_bthk, k_bthk, v_bthv))
 
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
-    mask_hij = causal_decay_mask(chunk, log_decay_h)
-    scores_bnhij = jnp.einsum(
-        "bnihk,bnjhk->bnhij", q_bnchk, k_bnchk, preferred_element_type=acc) * mask_hij
-    numerator_bnihv = jnp.einsum(
-        "bnhij,bnjhv->bnihv", scores_bnhij.astype(v_bthv.dtype), v_bnchv, preferred_element_type=acc)
-    row_sum_bnih = jnp.swapaxes(scores_bnhij.sum(-1), 2, 3)
+    mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
+    scores_bhnij = jnp.einsum(
+        "bhnik,bhnjk->bhnij", q_bhnck, k_bhnck, preferred_element_type=acc) * mask_hij
+    numerator_bhniv = jnp.einsum(
+        "bhnij,bhnjv->bhniv", scores_bhnij.astype(v_bthv.dtype), v_bhncv, preferred_element_type=acc)
+    row_sum_bhni = scores_bhnij.sum(-1)
 
     # 2. Each chunk's summary, decayed to its last valid token: gamma**(L-1-j) for j < L, else 0.
     j = jnp.arange(chunk)
     exponent_nj = jnp.asarray(valid_n)[:, None] - 1 - j[None, :]
-    k_weight_njh = jnp.where(
-        (exponent_nj >= 0)[..., None],
-        jnp.exp(jnp.maximum(exponent_nj, 0).astype(acc)[..., None] * log_decay_h),
-        0.0,
-    )
-    k_decayed_bnjhk = k_bnchk.astype(acc) * k_weight_njh[None, ..., None]
-    chunk_kv_bnhkv = jnp.einsum("bnjhk,bnjhv->bnhkv", k_decayed_bnjhk, v_bnchv.astype(acc))
-    chunk_key_bnhk = k_decayed_bnjhk.sum(2)
+    k_weight_hnj = jnp.where(
+        exponent_nj >= 0, jnp.exp(jnp.maximum(exponent_nj, 0).astype(acc) * log_decay_h[:, None, None]),
+        0.0)
+    k_decayed_bhnjk = k_bhnck.astype(acc) * k_weight_hnj[..., None]
+    chunk_kv_nbhkv = jnp.einsum("bhnjk,bhnjv->nbhkv", k_decayed_bhnjk, v_bhncv.astype(acc))
+    chunk_key_nbhk = jnp.einsum("bhnjk->nbhk", k_decayed_bhnjk)
     chunk_decay_nh = jnp.exp(jnp.asarray(valid_n, acc)[:, None] * log_decay_h)
 
     # 3. Carry the state across chunks; emit the state each chunk starts from.
@@ -80,18 +80,17 @@ def chunkwise_retention(
         return new, carry
 
     (kv_final, key_final), (kv_prev_nbhkv, key_prev_nbhk) = jax.lax.scan(
-        carry_state,
-        (state.kv_bhkv, state.key_bhk),
-        (chunk_decay_nh, jnp.moveaxis(chunk_kv_bnhkv, 1, 0), jnp.moveaxis(chunk_key_bnhk, 1, 0)),
-    )
+        carry_state, (state.kv_bhkv, state.key_bhk), (chunk_decay_nh, chunk_kv_nbhkv, chunk_key_nbhk))
 
     # 4. Read the carried state: row i of a chunk adds gamma**(i+1) q~_i S_prev.
-    q_decayed_bnihk = q_bnchk.astype(acc) * decay_powers(j + 1, log_decay_h)[None, None, :, :, None]
-    numerator_bnihv += jnp.einsum("bnihk,nbhkv->bnihv", q_decayed_bnihk, kv_prev_nbhkv)
-    row_sum_bnih += jnp.einsum("bnihk,nbhk->bnih", q_decayed_bnihk, key_prev_nbhk)
+    q_decayed_bhnik = q_bhnck.astype(acc) * decay_powers(j + 1, log_decay_h).T[None, :, None, :, None]
+    numerator_bhniv += jnp.einsum(
+        "bhnik,bhnkv->bhniv", q_decayed_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2))
+    row_sum_bhni += jnp.einsum("bhnik,bhnk->bhni", q_decayed_bhnik, jnp.moveaxis(key_prev_nbhk, 0, 2))
 
-    numerator_bthv = numerator_bnihv.reshape(batch, num_chunks * chunk, heads, value_dim)[:, :length]
-    row_sum_bth = row_sum_bnih.reshape(batch, num_chunks * chunk, heads)[:, :length]
+    numerator_bthv = jnp.swapaxes(
+        numerator_bhniv.reshape(batch, heads, num_chunks * chunk, value_dim)[:, :, :length], 1, 2)
+    row_sum_bth = jnp.swapaxes(row_sum_bhni.reshape(batch, heads, num_chunks * chunk)[:, :, :length], 1, 2)
     position_bt = state.position_b[:, None] + jnp.arange(length)[None, :]
     out_bthv = normalise_rows(numerator_bthv, row_sum_bth, position_bt, log_decay_h)
     new_state = RetentionState(kv_final, key_final, state.position_b + length)

@@ -1,0 +1,258 @@
+"""Benchmark the three forms of retention and a 6-layer RetNet against this machine's matmul rate.
+
+    python experiments/bench_retention.py                 # full table, T = 512 ... 16384
+    python experiments/bench_retention.py --quick         # a smoke run in seconds
+
+Prints a table, writes JSON (and a plot when matplotlib is installed) to experiments/results/.
+Every rate is compared with the float32 matmul GFLOP/s measured in the same run. FLOPs are the
+matmul FLOPs each form executes (masked halves included); forward+backward counts 3x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retnet_jax import RetNet, RetNetConfig
+from retnet_jax.ops import chunkwise_retention, official_log_decay, parallel_retention, recurrent_retention
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+            "device": str(jax.devices()[0]), "jax": jax.__version__, "python": platform.python_version()}
+
+
+def available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError):
+        return 1 << 62
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """Minimum wall time of `repeats` calls after one warm-up (compilation excluded)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_gflops(repeats: int) -> float:
+    """The machine's own float32 matmul rate: the best of a few square sizes."""
+    rates = []
+    for n in (1024, 2048, 3072):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        t = best_time(jax.jit(jnp.matmul), a, a, repeats=repeats)
+        rates.append(2 * n**3 / t / 1e9)
+    return max(rates)
+
+
+def form_flops(form: str, length: int, heads: int, dk: int, dv: int, chunk: int) -> float:
+    """Matmul FLOPs of one forward pass (batch 1)."""
+    if form == "parallel":
+        return 2.0 * length * length * heads * (dk + dv)
+    if form == "chunkwise":
+        c = min(chunk, length)
+        return 2.0 * length * c * heads * (dk + dv) + 4.0 * length * heads * dk * dv
+    return 4.0 * length * heads * dk * dv  # recurrent: k^T v and q S per token
+
+
+def compile_or_oom(fn, args):
+    """Compile `fn`; return (compiled, None) or (None, reason) when it cannot fit in memory."""
+    try:
+        compiled = fn.lower(*args).compile()
+    except Exception as err:  # noqa: BLE001 - report, don't crash
+        return None, f"compile failed: {type(err).__name__}"
+    try:
+        mem = compiled.memory_analysis()
+        need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        need = 0
+    if need > 0.8 * available_bytes():
+        return None, f"OOM: needs {need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB free"
+    return compiled, None
+
+
+def bench_forms(lengths, chunk, repeats, heads=8, dk=64, dv=128):
+    log_decay = jnp.asarray(official_log_decay(heads))
+    forms = {
+        "parallel": lambda q, k, v: parallel_retention(q, k, v, log_decay)[0],
+        "chunkwise": lambda q, k, v: chunkwise_retention(q, k, v, log_decay, chunk_size=chunk)[0],
+        "recurrent": lambda q, k, v: recurrent_retention(q, k, v, log_decay)[0],
+    }
+    rows = []
+    for length in lengths:
+        keys = jax.random.split(jax.random.key(length), 4)
+        q, k = (jax.random.normal(key, (1, length, heads, dk)) for key in keys[:2])
+        v = jax.random.normal(keys[2], (1, length, heads, dv))
+        cot = jax.random.normal(keys[3], (1, length, heads, dv))
+        for name, fwd in forms.items():
+            row = {"form": name, "T": length, "flops_fwd": form_flops(name, length, heads, dk, dv, chunk)}
+            grad = jax.grad(lambda q, k, v, f=fwd: jnp.vdot(f(q, k, v), cot), argnums=(0, 1, 2))
+            for label, fn in (("fwd", jax.jit(fwd)), ("fwd_bwd", jax.jit(grad))):
+                compiled, why = compile_or_oom(fn, (q, k, v))
+                if compiled is None:
+                    row[f"{label}_s"], row[f"{label}_note"] = None, why
+                    continue
+                try:
+                    seconds = best_time(compiled, q, k, v, repeats=repeats)
+                except Exception as err:  # noqa: BLE001
+                    row[f"{label}_s"], row[f"{label}_note"] = None, f"failed: {type(err).__name__}"
+                    continue
+                flops = row["flops_fwd"] * (3 if label == "fwd_bwd" else 1)
+                row[f"{label}_s"], row[f"{label}_gflops"] = seconds, flops / seconds / 1e9
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row) -> str:
+    def cell(label):
+        if row.get(f"{label}_s") is None:
+            return f"{row.get(f'{label}_note', '-'):>30}"
+        return f"{row[f'{label}_s'] * 1e3:10.1f} ms {row[f'{label}_gflops']:7.1f} GF/s    "
+    return f"{row['form']:>10} {row['T']:>6} | fwd {cell('fwd')} | fwd+bwd {cell('fwd_bwd')}"
+
+
+def bench_model(lengths, repeats):
+    """Forward+backward tokens/s of a 6-layer RetNet LM in chunkwise mode (chunk 512), batch 1."""
+    cfg = RetNetConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=4, value_dim=1024,
+                       ffn_dim=1024, chunk_size=512)
+    model = RetNet(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+    def loss_fn(params, tokens):
+        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], mode="chunkwise")
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    rows = []
+    for length in lengths:
+        tokens = jax.random.randint(jax.random.key(length), (1, length + 1), 0, cfg.vocab_size)
+        seconds = best_time(step, params, tokens, repeats=repeats)
+        per_layer = form_flops("chunkwise", length, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim,
+                               cfg.chunk_size)
+        flops = 6.0 * n_params * length + 3.0 * cfg.n_layers * per_layer
+        rows.append({"T": length, "seconds": seconds, "tokens_per_s": length / seconds,
+                     "gflops": flops / seconds / 1e9, "params": n_params})
+        print(f"  RetNet 6x512 chunkwise fwd+bwd T={length:>5}: {length / seconds:8.0f} tokens/s "
+              f"({seconds * 1e3:.0f} ms/step, {flops / seconds / 1e9:.1f} GF/s)", flush=True)
+    return rows
+
+
+def plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, label in zip(axes, ("fwd", "fwd_bwd")):
+        for form in ("parallel", "chunkwise", "recurrent"):
+            pts = [(r["T"], r[f"{label}_s"]) for r in rows if r["form"] == form and r.get(f"{label}_s")]
+            if pts:
+                ax.loglog(*zip(*pts), marker="o", label=form, base=2)
+        ax.set_title({"fwd": "forward", "fwd_bwd": "forward + backward"}[label])
+        ax.set_xlabel("sequence length T")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("seconds (B=1, H=8, dk=64, dv=128)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--model-lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_retention.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.lengths, args.model_lengths, args.repeats, args.chunk_size = [64, 256], [128], 1, 64
+
+    info = machine()
+    print(f"machine: {info}")
+    rate = matmul_gflops(args.repeats)
+    print(f"float32 matmul rate (this run): {rate:.1f} GFLOP/s\n")
+    print(f"retention forms (B=1, H=8, dk=64, dv=128, chunk {args.chunk_size})")
+    rows = bench_forms(args.lengths, args.chunk_size, args.repeats)
+    print("\nmodel (6 layers, d 512, 4 heads, value 1024, FFN 1024, vocab 8192, chunk 512, batch 1)")
+    model_rows = bench_model(args.model_lengths, args.repeats)
+
+    checks = summarise(rows, model_rows, rate, args.lengths)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"machine": info, "matmul_gflops": rate, "chunk_size": args.chunk_size, "forms": rows,
+              "model": model_rows, "checks": checks,
+              "torchscale_reference_tokens_per_s": {"2048": 534, "8192": 518}}
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def summarise(rows, model_rows, rate, lengths) -> dict:
+    """Print the issue's targets as measured ratios; nothing here asserts."""
+    def t(form, length, label):
+        return next((r.get(f"{label}_s") for r in rows if r["form"] == form and r["T"] == length), None)
+
+    checks = {}
+    print("\nchecks (ratios measured in this run)")
+    if t("chunkwise", 16384, "fwd") and t("chunkwise", 2048, "fwd"):
+        ratio = t("chunkwise", 16384, "fwd") / t("chunkwise", 2048, "fwd")
+        checks["chunkwise_16384_over_2048_fwd"] = ratio
+        print(f"  chunkwise fwd time 16384 / 2048 = {ratio:.2f} (linear: 8, target <= 9)")
+    for length in [n for n in lengths if n >= 2048]:
+        for label in ("fwd", "fwd_bwd"):
+            c, p = t("chunkwise", length, label), t("parallel", length, label)
+            if c:
+                speedup = (p / c) if p else None
+                checks[f"parallel_over_chunkwise_{label}_{length}"] = speedup
+                shown = f"{speedup:.2f}x" if speedup else "parallel did not run"
+                print(f"  T={length:>5} {label:>7}: chunkwise faster than parallel by {shown}")
+    row = next((r for r in rows if r["form"] == "chunkwise" and r["T"] == 8192), None)
+    if row and row.get("fwd_bwd_gflops"):
+        frac = row["fwd_bwd_gflops"] / rate
+        checks["chunkwise_8192_fwd_bwd_fraction_of_matmul"] = frac
+        print(f"  chunkwise fwd+bwd at 8192: {row['fwd_bwd_gflops']:.1f} GF/s = {100 * frac:.0f}% "
+              f"of matmul (target >= 30%)")
+    for m in model_rows:
+        ref = {2048: 534, 8192: 518}.get(m["T"])
+        frac = m["gflops"] / rate
+        checks[f"model_tokens_per_s_{m['T']}"] = m["tokens_per_s"]
+        checks[f"model_fraction_of_matmul_{m['T']}"] = frac
+        ref_txt = f", torchscale on this machine: {ref} tokens/s" if ref else ""
+        print(f"  model T={m['T']}: {m['tokens_per_s']:.0f} tokens/s, {100 * frac:.0f}% of matmul{ref_txt}")
+    return checks
+
+
+if __name__ == "__main__":
+    sys.exit(main())
