@@ -20,11 +20,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from retnet_jax import RetNet, RetNetConfig
+from retnet_jax.losses import cross_entropy
 from retnet_jax.ops import chunkwise_retention, official_log_decay, parallel_retention, recurrent_retention
+from retnet_jax.runtime import tune_cpu_allocator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -142,13 +143,12 @@ def bench_model(lengths, repeats):
     cfg = RetNetConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=4, value_dim=1024,
                        ffn_dim=1024, chunk_size=512)
     model = RetNet(cfg, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
 
     def loss_fn(params, tokens):
-        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1], mode="chunkwise")
-        logp = jax.nn.log_softmax(logits)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        logits, _ = nnx.merge(graphdef, params, rest)(tokens[:, :-1], mode="chunkwise")
+        return cross_entropy(logits, tokens[:, 1:])
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     rows = []
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_retention.json")
     args = parser.parse_args(argv)
+    tune_cpu_allocator()
     if args.quick:
         args.lengths, args.model_lengths, args.repeats, args.chunk_size = [64, 256], [128], 1, 64
 

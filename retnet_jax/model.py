@@ -27,8 +27,7 @@ class RetNet(nnx.Module):
         d, pd = cfg.d_model, cfg.param_dtype
         self.embed = nnx.Param(
             (jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) * d**-0.5).astype(pd))
-        self.embed_norm = (Norm(d, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=pd)
-                           if cfg.embedding_norm else None)
+        self.embed_norm = Norm.for_model(cfg) if cfg.embedding_norm else None
 
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -37,10 +36,11 @@ class RetNet(nnx.Module):
 
         self.blocks = make_blocks(rngs)
         # DeepNet blocks end in a norm already; there is no final norm then (as in torchscale).
-        self.final_norm = (None if cfg.deepnorm else
-                           Norm(d, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=pd))
+        self.final_norm = None if cfg.deepnorm else Norm.for_model(cfg)
+        # Output projection stored [vocab, d] like the embedding (and torch's Linear): the backward
+        # pass then needs no transposed copy of the [T, vocab] logit gradient.
         self.unembed = None if cfg.tie_embeddings else nnx.Param(
-            (jax.random.normal(rngs.params(), (d, cfg.vocab_size), jnp.float32) * d**-0.5).astype(pd))
+            (jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) * d**-0.5).astype(pd))
 
     def init_state(self, batch: int) -> RetentionState:
         """An empty state for `batch` sequences: `[L, B, H, dk, dv]` sums, positions `[L, B]` at 0."""
@@ -90,8 +90,8 @@ class RetNet(nnx.Module):
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
-        unembed = self.embed[...].T if self.unembed is None else self.unembed[...]
-        logits = jnp.einsum("btd,dv->btv", x_btd, unembed.astype(cfg.dtype),
+        unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
+        logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd.astype(cfg.dtype),
                             preferred_element_type=jnp.float32)
         return logits, state
 

@@ -21,11 +21,9 @@ class RetNetBlock(nnx.Module):
 
     def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        norm = lambda: Norm(cfg.d_model, cfg.norm, cfg.norm_eps, dtype=cfg.dtype,
-                            param_dtype=cfg.param_dtype)
-        self.retention_norm = norm()
+        self.retention_norm = Norm.for_model(cfg)
         self.retention = MultiScaleRetention(cfg, rngs=rngs)
-        self.ffn_norm = norm()
+        self.ffn_norm = Norm.for_model(cfg)
         self.ffn = FeedForward(cfg, rngs=rngs)
         if cfg.deepnorm:
             shrink = (8.0 * cfg.n_layers) ** 0.25

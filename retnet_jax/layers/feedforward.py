@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from retnet_jax.config import RetNetConfig
+from retnet_jax.layers.fused import fused_projection
 from retnet_jax.layers.initializers import stacked, torch_linear_default
 
 # Exact (erf) gelu, as torch's default.
@@ -31,8 +31,8 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h_btsf = jnp.einsum("btd,dsf->btsf", x_btd.astype(cfg.dtype), self.in_proj[...].astype(cfg.dtype))
-        hidden = ACTIVATIONS[cfg.activation](h_btsf[:, :, 0])
+        projected = fused_projection(x_btd, self.in_proj[...], cfg.dtype)
+        hidden = ACTIVATIONS[cfg.activation](projected[0])
         if cfg.ffn == "glu":
-            hidden = hidden * h_btsf[:, :, 1]
+            hidden = hidden * projected[1]
         return hidden @ self.out_proj[...].astype(cfg.dtype)

@@ -28,6 +28,11 @@ class Norm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if kind == "layernorm" else None
 
+    @classmethod
+    def for_model(cls, cfg) -> "Norm":
+        """The block/final/embedding norm a `RetNetConfig` asks for."""
+        return cls(cfg.d_model, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         normalise = rms_normalise if self.kind == "rmsnorm" else layer_normalise
         y = normalise(x, self.eps) * self.scale[...].astype(jnp.float32)

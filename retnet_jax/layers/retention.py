@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.layers.fused import fused_projection
 from retnet_jax.layers.initializers import stacked, xavier_uniform
 from retnet_jax.layers.norms import HeadNorm
 from retnet_jax.ops import (
@@ -39,9 +40,6 @@ class MultiScaleRetention(nnx.Module):
         self.out_proj = nnx.Param(xavier_uniform(rngs.params(), vd, d, (vd, d), 1.0, pd))
         self.head_norm = HeadNorm(cfg.n_heads, cfg.value_head_dim, cfg.head_norm, cfg.head_norm_eps,
                                   param_dtype=pd)
-        # Constants, not parameters: float32 whatever the compute dtype (SPEC section 8).
-        self.log_decay_h = nnx.Variable(jnp.asarray(log_decay(cfg.n_heads, cfg.decay)))
-        self.freqs_p = nnx.Variable(jnp.asarray(rotation_frequencies(cfg.key_head_dim)))
 
     def __call__(
         self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int
@@ -49,19 +47,19 @@ class MultiScaleRetention(nnx.Module):
         cfg = self.cfg
         batch, length, _ = x_btd.shape
         heads, dk, dv = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
-        x_btd = x_btd.astype(cfg.dtype)
-        qk_bt2d = jnp.einsum("btd,dse->btse", x_btd, self.qk_proj[...].astype(cfg.dtype))
-        vg_bt2e = jnp.einsum("btd,dse->btse", x_btd, self.vg_proj[...].astype(cfg.dtype))
-        q_bthk = qk_bt2d[:, :, 0].reshape(batch, length, heads, dk)
-        k_bthk = (qk_bt2d[:, :, 1] * dk**-0.5).reshape(batch, length, heads, dk)
-        v_bthv = vg_bt2e[:, :, 0].reshape(batch, length, heads, dv)
-        gate_bte = vg_bt2e[:, :, 1]
+        q_btd, k_btd = fused_projection(x_btd, self.qk_proj[...], cfg.dtype)
+        v_bte, gate_bte = fused_projection(x_btd, self.vg_proj[...], cfg.dtype)
+        q_bthk = q_btd.reshape(batch, length, heads, dk)
+        k_bthk = (k_btd * dk**-0.5).reshape(batch, length, heads, dk)
+        v_bthv = v_bte.reshape(batch, length, heads, dv)
 
         position_bt = state.position_b[:, None] + jnp.arange(length)[None, :]
-        freqs = self.freqs_p[...]
-        q_bthk, k_bthk = rotate(q_bthk, position_bt, freqs), rotate(k_bthk, position_bt, freqs)
+        # Decays and angles are compile-time float32 constants derived from the config, not state:
+        # nothing differentiates, stores or shards them (SPEC section 8).
+        freqs_p = rotation_frequencies(dk)
+        q_bthk, k_bthk = rotate(q_bthk, position_bt, freqs_p), rotate(k_bthk, position_bt, freqs_p)
 
-        log_decay_h = self.log_decay_h[...]
+        log_decay_h = log_decay(heads, cfg.decay)
         if mode == "parallel":
             o_bthv, state = parallel_retention(q_bthk, k_bthk, v_bthv, log_decay_h, state)
         elif mode == "chunkwise":

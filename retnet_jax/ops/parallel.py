@@ -37,28 +37,32 @@ def parallel_retention(
     log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
     acc = log_decay_h.dtype
 
+    # Head-major [B, H, T, d]: the einsums below are plain batched matmuls.
+    q_bhnk, k_bhmk, v_bhmv = (jnp.swapaxes(x, 1, 2) for x in (q_bthk, k_bthk, v_bthv))
     mask_hnm = causal_decay_mask(length, log_decay_h)
-    scores_bhnm = jnp.einsum("bnhk,bmhk->bhnm", q_bthk, k_bthk, preferred_element_type=acc) * mask_hnm
-    numerator_bnhv = jnp.einsum(
-        "bhnm,bmhv->bnhv", scores_bhnm.astype(v_bthv.dtype), v_bthv, preferred_element_type=acc)
-    row_sum_bnh = jnp.swapaxes(scores_bhnm.sum(-1), 1, 2)
+    scores_bhnm = jnp.einsum("bhnk,bhmk->bhnm", q_bhnk, k_bhmk, preferred_element_type=acc) * mask_hnm
+    numerator_bhnv = jnp.einsum(
+        "bhnm,bhmv->bhnv", scores_bhnm.astype(v_bthv.dtype), v_bhmv, preferred_element_type=acc)
+    row_sum_bhn = scores_bhnm.sum(-1)
 
     # What the state carries in: gamma**(n+1) q~_n S_prev for block-relative row n.
     t = jnp.arange(length)
-    q_decayed_bnhk = q_bthk.astype(acc) * decay_powers(t + 1, log_decay_h)[None, :, :, None]
-    numerator_bnhv += jnp.einsum("bnhk,bhkv->bnhv", q_decayed_bnhk, state.kv_bhkv)
-    row_sum_bnh += jnp.einsum("bnhk,bhk->bnh", q_decayed_bnhk, state.key_bhk)
+    q_decayed_bhnk = q_bhnk.astype(acc) * decay_powers(t + 1, log_decay_h).T[None, :, :, None]
+    numerator_bnhv = jnp.swapaxes(
+        numerator_bhnv + jnp.einsum("bhnk,bhkv->bhnv", q_decayed_bhnk, state.kv_bhkv), 1, 2)
+    row_sum_bnh = jnp.swapaxes(
+        row_sum_bhn + jnp.einsum("bhnk,bhk->bhn", q_decayed_bhnk, state.key_bhk), 1, 2)
 
     position_bt = state.position_b[:, None] + t[None, :]
     out_bnhv = normalise_rows(numerator_bnhv, row_sum_bnh, position_bt, log_decay_h)
 
     # Fold the block into the state: S_T = gamma**T S_0 + sum_m gamma**(T-1-m) k~_m^T v_m.
-    k_decayed_bmhk = k_bthk.astype(acc) * decay_powers(length - 1 - t, log_decay_h)[None, :, :, None]
+    k_decayed_bhmk = k_bhmk.astype(acc) * decay_powers(length - 1 - t, log_decay_h).T[None, :, :, None]
     carry_h = jnp.exp(length * log_decay_h)
     new_state = RetentionState(
         kv_bhkv=carry_h[:, None, None] * state.kv_bhkv
-        + jnp.einsum("bmhk,bmhv->bhkv", k_decayed_bmhk, v_bthv.astype(acc)),
-        key_bhk=carry_h[:, None] * state.key_bhk + k_decayed_bmhk.sum(1),
+        + jnp.einsum("bhmk,bhmv->bhkv", k_decayed_bhmk, v_bhmv.astype(acc)),
+        key_bhk=carry_h[:, None] * state.key_bhk + k_decayed_bhmk.sum(2),
         position_b=state.position_b + length,
     )
     return out_bnhv.astype(v_bthv.dtype), new_state
