@@ -57,7 +57,9 @@ def inverse_sqrt_normaliser(position_bt: jax.Array, log_decay_h: jax.Array) -> j
     `expm1` keeps `s_n` accurate for gamma within 2**-20 of 1 and positions up to 10**6.
     """
     n_plus_1 = (position_bt.astype(log_decay_h.dtype) + 1)[..., None]
-    s = jnp.expm1(n_plus_1 * log_decay_h) / jnp.expm1(log_decay_h)
+    no_decay_h = log_decay_h == 0  # gamma = 1 (e.g. heads >= 20 of a float32 torchscale model): s_n = n+1
+    safe_h = jnp.where(no_decay_h, -1.0, log_decay_h)
+    s = jnp.where(no_decay_h, n_plus_1, jnp.expm1(n_plus_1 * safe_h) / jnp.expm1(safe_h))
     return jax.lax.rsqrt(s)
 
 

@@ -1,0 +1,42 @@
+"""Interoperability with other RetNet implementations.
+
+`retnet_jax.interop` itself needs only JAX and NumPy: torch is imported lazily by the functions that
+read or produce torch tensors, orbax by the functions that write or read converted checkpoints, and
+torchscale is never imported (its state dicts and incremental states are plain dicts of tensors).
+"""
+
+from retnet_jax.interop.state import (
+    MissingKeySumWarning,
+    position_from_scale,
+    state_from_torchscale,
+    state_to_torchscale,
+)
+from retnet_jax.interop.torchscale import (
+    PARAM_MAP,
+    config_from_dict,
+    config_to_dict,
+    infer_torchscale_args,
+    load_converted,
+    load_torchscale,
+    save_converted,
+    to_torchscale,
+    torchscale_args,
+    torchscale_config,
+)
+
+__all__ = [
+    "PARAM_MAP",
+    "MissingKeySumWarning",
+    "config_from_dict",
+    "config_to_dict",
+    "infer_torchscale_args",
+    "load_converted",
+    "load_torchscale",
+    "position_from_scale",
+    "save_converted",
+    "state_from_torchscale",
+    "state_to_torchscale",
+    "to_torchscale",
+    "torchscale_args",
+    "torchscale_config",
+]
