@@ -59,13 +59,7 @@ def test_model_logits_up_to_t_ignore_later_tokens(mode, dtype, t, tiny_cfg, tiny
     assert not np.array_equal(np.asarray(logits_changed[:, t + 1:]), np.asarray(logits[:, t + 1:]))
 
 
-NAN_LEAKS = pytest.mark.xfail(
-    strict=True, reason="library bug: the parallel and chunkwise forms multiply scores by the decay "
-    "mask, and NaN * 0 = NaN, so a non-finite future value reaches earlier rows (recurrent is fine)")
-
-
-@pytest.mark.parametrize("form", [pytest.param("parallel", marks=NAN_LEAKS),
-                                  pytest.param("chunkwise", marks=NAN_LEAKS), "recurrent", "step"])
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent", "step"])
 def test_non_finite_future_value_does_not_reach_earlier_outputs(form):
     """Given a NaN in k at position 5 (e.g. what an out-of-vocabulary id becomes under jit, or a
     bf16 overflow), when a form runs, then outputs at positions < 5 are unchanged: causality must

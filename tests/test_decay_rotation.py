@@ -222,8 +222,7 @@ def test_bf16_inputs_use_float32_decays_for_slow_heads(form):
     assert_relative_close(out, reference, 1e-2)
 
     gamma_in_bf16 = to_f64(jnp.asarray(np.exp(official_log_decay(8)), jnp.bfloat16))
-    # log(1) = 0 would make the normaliser 0/0; -1e-12 is gamma = 1 to float32 precision.
-    rounded_log_decay_h = jnp.asarray(np.minimum(np.log(gamma_in_bf16), -1e-12), jnp.float32)
+    rounded_log_decay_h = jnp.asarray(np.log(gamma_in_bf16), jnp.float32)  # 0 for heads 4..7
     pitfall, _ = run_form(form, q32, k32, v32, rounded_log_decay_h, chunk_size=64)
     assert relative_error(pitfall, reference) > 5e-2
 
@@ -245,3 +244,14 @@ def test_normaliser_is_inverse_sqrt_of_the_decay_row_sum_up_to_position_one_mill
     row_sum = (1 - gamma[None, None, :] ** (position_bt[..., None] + 1.0)) / (1 - gamma)
     np.testing.assert_allclose(got, 1 / np.sqrt(row_sum), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(got)[0, 0], 1.0)  # s_0 = 1
+
+
+def test_normaliser_of_a_head_without_decay_is_inverse_sqrt_of_n_plus_one():
+    """A head with `log gamma = 0` (gamma = 1, e.g. a float32 torchscale model with >= 20 heads)
+    has `s_n = n + 1`: the normaliser is `1 / sqrt(n + 1)`, finite, not `expm1(0) / expm1(0)`.
+    float32, rtol 2**-23 (one rsqrt rounding)."""
+    position_bt = np.array([[0, 1, 7, 1_000_000]])
+    got = inverse_sqrt_normaliser(jnp.asarray(position_bt), jnp.asarray([0.0, -0.1], jnp.float32))
+    chex.assert_tree_all_finite(got)
+    np.testing.assert_allclose(np.asarray(got)[..., 0], 1 / np.sqrt(position_bt + 1.0),
+                               rtol=FLOAT32_ULP)

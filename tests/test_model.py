@@ -120,10 +120,6 @@ def test_out_of_vocabulary_ids_under_jit_give_nan_not_a_silent_clamp(tiny_cfg, t
     assert np.all(np.isnan(np.asarray(logits[0, 3])))
 
 
-@pytest.mark.xfail(strict=True, raises=jax.errors.ConcretizationTypeError,
-                   reason="library bug: _check_tokens skips the eager range check only for Tracers; "
-                   "a concrete jax.Array closed over by a jitted function is not a Tracer, but its "
-                   ".min() is staged inside jit, so int() raises ConcretizationTypeError")
 def test_model_runs_under_jit_on_tokens_closed_over_as_a_constant(tiny_model, tiny_apply, tokens):
     """Given tokens captured by closure (a concrete jax.Array, not a jit argument), when the model
     runs inside `jax.jit`, then it returns the same logits as with tokens passed as an argument

@@ -206,6 +206,20 @@ def test_recurrent_form_matches_spec_recurrence_where_clamp_is_inactive():
         assert_relative_close(out, expected, 1e-10)  # float64, see module docstring
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_head_without_decay_matches_oracle(form):
+    """Given heads with gamma = 1 exactly (log gamma = 0: plain causal averaging) beside decaying
+    ones, when a form runs (from a state at position 7), then it matches the SPEC oracle with
+    `D[n, m] = 1` for m <= n (float64, 1e-10 as above)."""
+    with precision(jnp.float64):
+        log_decay_h = jnp.asarray([0.0, -0.05, 0.0], jnp.float64)
+        q, k, v = random_qkv(9, 2, 13, HEADS, KEY_DIM, VALUE_DIM, jnp.float64)
+        _, state = run_form(form, q[:, :7], k[:, :7], v[:, :7], log_decay_h, chunk_size=4)
+        out, _ = run_form(form, q[:, 7:], k[:, 7:], v[:, 7:], log_decay_h, state, chunk_size=4)
+        expected, _ = oracle_parallel_retention(q, k, v, np.exp(to_f64(log_decay_h)))
+        assert_relative_close(out, expected[:, 7:], 1e-10)
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[4]])
 def test_parallel_and_chunkwise_gradients_agree(case):
     """Given a random cotangent w, when d/d(q, k, v) of sum(o * w) is taken through the parallel and

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.decay import apply_causal_decay, causal_decay_mask, decay_powers, normalise_rows
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_chunk_size, check_qkv, check_state
 
@@ -56,7 +56,8 @@ def chunkwise_retention(
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
     mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
     scores_bhnij = jnp.einsum(
-        "bhnik,bhnjk->bhnij", q_bhnck, k_bhnck, preferred_element_type=acc) * mask_hij
+        "bhnik,bhnjk->bhnij", q_bhnck, k_bhnck, preferred_element_type=acc)
+    scores_bhnij = apply_causal_decay(scores_bhnij, mask_hij)
     numerator_bhniv = jnp.einsum(
         "bhnij,bhnjv->bhniv", scores_bhnij.astype(v_bthv.dtype), v_bhncv, preferred_element_type=acc)
     row_sum_bhni = scores_bhnij.sum(-1)

@@ -45,6 +45,17 @@ def causal_decay_mask(length: int, log_decay_h: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(causal_nm[None], exponent_hnm, -jnp.inf))
 
 
+def apply_causal_decay(scores_nm: jax.Array, decay_mask_nm: jax.Array) -> jax.Array:
+    """`scores * D` (masks broadcast on the leading axes), future entries set to exactly 0.
+
+    A select rather than a multiply by the zeros of `D`: `NaN * 0` would let a non-finite future
+    token reach earlier rows, which the recurrent form never does.
+    """
+    idx = jnp.arange(scores_nm.shape[-1])
+    causal_nm = idx[:, None] >= idx[None, :]
+    return jnp.where(causal_nm, scores_nm * decay_mask_nm, 0.0)
+
+
 def decay_powers(exponents_t: jax.Array, log_decay_h: jax.Array) -> jax.Array:
     """`gamma_h ** e_t` as `[T, H]` for non-negative exponents, in the dtype of `log_decay_h`."""
     return jnp.exp(exponents_t.astype(log_decay_h.dtype)[:, None] * log_decay_h[None, :])

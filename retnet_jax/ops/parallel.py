@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.decay import apply_causal_decay, causal_decay_mask, decay_powers, normalise_rows
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_qkv, check_state
 
@@ -40,7 +40,8 @@ def parallel_retention(
     # Head-major [B, H, T, d]: the einsums below are plain batched matmuls.
     q_bhnk, k_bhmk, v_bhmv = (jnp.swapaxes(x, 1, 2) for x in (q_bthk, k_bthk, v_bthv))
     mask_hnm = causal_decay_mask(length, log_decay_h)
-    scores_bhnm = jnp.einsum("bhnk,bhmk->bhnm", q_bhnk, k_bhmk, preferred_element_type=acc) * mask_hnm
+    scores_bhnm = jnp.einsum("bhnk,bhmk->bhnm", q_bhnk, k_bhmk, preferred_element_type=acc)
+    scores_bhnm = apply_causal_decay(scores_bhnm, mask_hnm)
     numerator_bhnv = jnp.einsum(
         "bhnm,bhmv->bhnv", scores_bhnm.astype(v_bthv.dtype), v_bhmv, preferred_element_type=acc)
     row_sum_bhn = scores_bhnm.sum(-1)
