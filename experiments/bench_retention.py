@@ -25,7 +25,6 @@ from flax import nnx
 from retnet_jax import RetNet, RetNetConfig
 from retnet_jax.losses import cross_entropy
 from retnet_jax.ops import chunkwise_retention, official_log_decay, parallel_retention, recurrent_retention
-from retnet_jax.runtime import tune_cpu_allocator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -196,7 +195,6 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_retention.json")
     args = parser.parse_args(argv)
-    tune_cpu_allocator()
     if args.quick:
         args.lengths, args.model_lengths, args.repeats, args.chunk_size = [64, 256], [128], 1, 64
 
