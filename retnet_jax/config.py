@@ -56,6 +56,12 @@ class RetNetConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model // n_heads = {self.d_model // self.n_heads} must be even (pairwise rotation)")
+        for name in _DTYPE_FIELDS:
+            try:
+                object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+            except TypeError as err:
+                raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
+                                 f"got {getattr(self, name)!r}") from err
         choices = {
             "decay": ("official", "paper"), "ffn": ("glu", "plain"), "activation": ("gelu", "swish"),
             "norm": ("rmsnorm", "layernorm"), "head_norm": ("rmsnorm", "layernorm", "groupnorm"),
@@ -84,6 +90,22 @@ class RetNetConfig:
 
     def replace(self, **changes) -> "RetNetConfig":
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (dtypes by name, e.g. "bfloat16")."""
+        return {f.name: (getattr(self, f.name).name if f.name in _DTYPE_FIELDS else getattr(self, f.name))
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RetNetConfig":
+        """Inverse of `to_dict`; absent fields take their defaults, unknown fields raise."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown RetNetConfig fields {sorted(unknown)}")
+        return cls(**data)  # __post_init__ turns dtype names back into dtypes
+
+
+_DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
 # The paper's models (Table 8): plain gelu FFN, LayerNorm, GroupNorm heads, the paper's decays.

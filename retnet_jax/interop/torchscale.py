@@ -620,29 +620,14 @@ def to_torchscale(model: RetNet) -> dict[str, Any]:
 CONFIG_FILE, PARAMS_DIR = "config.json", "params"
 
 
-def _is_dtype_field(field: dataclasses.Field) -> bool:
-    return field.name in ("dtype", "param_dtype")
-
-
 def config_to_dict(cfg: RetNetConfig) -> dict[str, Any]:
     """`cfg` as JSON-ready values (dtypes as their names, e.g. "bfloat16")."""
-    return {f.name: (jnp.dtype(getattr(cfg, f.name)).name if _is_dtype_field(f) else getattr(cfg, f.name))
-            for f in dataclasses.fields(cfg)}
+    return cfg.to_dict()
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RetNetConfig:
     """Inverse of `config_to_dict`; absent fields take their defaults, unknown fields raise."""
-    fields = {f.name: f for f in dataclasses.fields(RetNetConfig)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown RetNetConfig fields {sorted(unknown)}")
-    return RetNetConfig(**{k: (_dtype_from_name(v) if _is_dtype_field(fields[k]) else v)
-                           for k, v in data.items()})
-
-
-def _dtype_from_name(name: str):
-    """"float32" -> jnp.float32 (the scalar type RetNetConfig's defaults use)."""
-    return getattr(jnp, name) if hasattr(jnp, name) else jnp.dtype(name).type
+    return RetNetConfig.from_dict(dict(data))
 
 
 def save_converted(model: RetNet, outdir, *, force: bool = False) -> Path:

@@ -32,7 +32,8 @@ def check_qkv(q, k, v, log_decay_h, *, time_axis: bool = True) -> tuple[int, int
         raise ValueError(f"k must have the shape of q {layout_k} = {q_shape}, got {k_shape}")
     if v_shape[:-1] != q_shape[:-1]:
         raise ValueError(
-            f"v must match q on {layout_v.replace(', dv', '')} = {q_shape[:-1]} (all but the width), got {v_shape}")
+            f"v must match q on {layout_v.replace(', dv', '')} = {q_shape[:-1]} (all but the width), "
+            f"got {v_shape}")
     if q_shape[-1] == 0 or v_shape[-1] == 0:
         raise ValueError(f"q/k and v need non-empty head widths, got dk={q_shape[-1]}, dv={v_shape[-1]}")
     heads = q_shape[-2]
