@@ -1,0 +1,34 @@
+"""The launch scripts run end to end (tiny sizes), so they cannot rot between benchmark runs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_retention_quick_run_writes_every_form_and_the_model_line(tmp_path, capsys):
+    """Given `--quick`, the benchmark prints its table and saves JSON with a row per form and length,
+    the matmul rate it compares against, the machine, and the model's tokens/s."""
+    bench = load_script("bench_retention")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "float32 matmul rate" in printed and "chunkwise" in printed
+    assert result["matmul_gflops"] > 0 and result["machine"]["backend"]
+    assert {(r["form"], r["T"]) for r in result["forms"]} == {
+        (form, t) for form in ("parallel", "chunkwise", "recurrent") for t in (64, 256)}
+    assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 for r in result["forms"])
+    assert result["model"][0]["tokens_per_s"] > 0
