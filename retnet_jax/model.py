@@ -104,8 +104,11 @@ def _check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
         raise ValueError(f"tokens must be integer ids, got dtype {tokens_bt.dtype}")
     if tokens_bt.shape[1] == 0:
         raise ValueError("tokens must hold at least one time step, got T = 0")
-    if not isinstance(tokens_bt, jax.core.Tracer):  # concrete (also when closed over under jit)
+    try:  # concrete ids (also when closed over under jit) are checked here; traced ones cannot be
         host_bt = np.asarray(tokens_bt)
+    except jax.errors.TracerArrayConversionError:
+        host_bt = None
+    if host_bt is not None:
         low, high = int(host_bt.min()), int(host_bt.max())
         if low < 0 or high >= vocab_size:
             raise ValueError(
