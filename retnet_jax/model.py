@@ -62,7 +62,7 @@ class RetNet(nnx.Module):
         `cfg.chunk_size`) or "recurrent" (token by token; decoding). All three give the same logits.
         """
         cfg = self.cfg
-        tokens_bt = _check_tokens(tokens_bt, cfg.vocab_size)
+        tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
@@ -96,7 +96,8 @@ class RetNet(nnx.Module):
         return logits, state
 
 
-def _check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
+def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
+    """`tokens` as an int array `[B, T]`, T >= 1, ids in `[0, vocab_size)` (checked when concrete)."""
     tokens_bt = jnp.asarray(tokens_bt)
     if tokens_bt.ndim != 2:
         raise ValueError(f"tokens must have shape [B, T] (batch, time), got {tokens_bt.shape}")
