@@ -11,6 +11,7 @@ from retnet_jax.config import Mode, RetNetConfig
 from retnet_jax.layers.block import RetNetBlock
 from retnet_jax.layers.norms import Norm
 from retnet_jax.ops import RetentionState, init_state
+from retnet_jax.ops.validation import check_chunk_size
 
 MODES = ("parallel", "chunkwise", "recurrent")
 
@@ -59,20 +60,21 @@ class RetNet(nnx.Module):
         """Logits for `tokens [B, T]` (int), continuing from `state` (None: a fresh sequence).
 
         mode: "parallel" (O(T**2) training form), "chunkwise" (linear, chunks of `chunk_size`, default
-        `cfg.chunk_size`) or "recurrent" (token by token; decoding). All three give the same logits.
+        `cfg.chunk_size`) or "recurrent" (token by token; decoding). All three give the same logits
+        to float rounding.
         """
         cfg = self.cfg
         tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        chunk_size = cfg.chunk_size if chunk_size is None else chunk_size
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        chunk_size = check_chunk_size(cfg.chunk_size if chunk_size is None else chunk_size)
         batch = tokens_bt.shape[0]
         state = self.init_state(batch) if state is None else _check_model_state(state, self, batch)
 
-        # Out-of-range ids under jit (not checkable eagerly) give NaN rows, never a silent clamp.
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="fill", fill_value=jnp.nan)
+        # Ids outside the vocabulary can only reach here traced (under jit). Their logits, and those
+        # of every later position and call of that sequence, become NaN: never a silent clamp.
+        invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="clip")
         x_btd = x_btd.astype(cfg.dtype)
         if cfg.scale_embedding:
             x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
@@ -93,7 +95,7 @@ class RetNet(nnx.Module):
         unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
         logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd.astype(cfg.dtype),
                             preferred_element_type=jnp.float32)
-        return logits, state
+        return _poison_after_invalid(logits, state, invalid_bt)
 
 
 def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
@@ -117,13 +119,29 @@ def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
     return tokens_bt
 
 
+def _poison_after_invalid(logits_btv, state: RetentionState, invalid_bt):
+    """NaN logits from a sequence's first invalid id on, and a NaN state for that sequence."""
+    poisoned_bt = jnp.cumsum(invalid_bt, axis=1) > 0
+    logits_btv = jnp.where(poisoned_bt[..., None], jnp.nan, logits_btv)
+    poisoned_b = poisoned_bt[:, -1]
+    state = state._replace(
+        kv_bhkv=jnp.where(poisoned_b[None, :, None, None, None], jnp.nan, state.kv_bhkv),
+        key_bhk=jnp.where(poisoned_b[None, :, None, None], jnp.nan, state.key_bhk))
+    return logits_btv, state
+
+
 def _check_model_state(state, model: RetNet, batch: int) -> RetentionState:
     cfg = model.cfg
     if not isinstance(state, RetentionState):
         raise ValueError(f"state must be the RetentionState a RetNet call returned, got {type(state)}")
-    want = (cfg.n_layers, batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
-    if tuple(state.kv_bhkv.shape) != want:
-        raise ValueError(
-            f"state.kv_bhkv must have shape [L, B, H, dk, dv] = {want} for this model and tokens "
-            f"of batch {batch}, got {tuple(state.kv_bhkv.shape)}")
+    layers, heads, dk, dv = cfg.n_layers, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
+    expected = {
+        "state.kv_bhkv": ((layers, batch, heads, dk, dv), "[L, B, H, dk, dv]"),
+        "state.key_bhk": ((layers, batch, heads, dk), "[L, B, H, dk]"),
+        "state.position_b": ((layers, batch), "[L, B]"),
+    }
+    for (name, (want, layout)), got in zip(expected.items(), state):
+        if tuple(got.shape) != want:
+            raise ValueError(f"{name} must have shape {layout} = {want} for this model and tokens of "
+                             f"batch {batch}, got {tuple(got.shape)}")
     return state

@@ -6,10 +6,12 @@ matches the message on the argument's name.
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
+import numpy as np
 import pytest
-
 from conftest import random_qkv, random_tokens
+
 from retnet_jax import RetNetConfig
 from retnet_jax.ops import (
     chunkwise_retention,
@@ -233,3 +235,11 @@ def test_model_state_of_another_batch_size_is_rejected(tiny_model):
     """A state made for 3 sequences, continued with 2, names state.kv_bhkv and [L, B, H, dk, dv]."""
     with pytest.raises(ValueError, match=r"^state\.kv_bhkv must have shape \[L, B, H, dk, dv\]"):
         tiny_model(jnp.zeros((2, 1), jnp.int32), mode="recurrent", state=tiny_model.init_state(3))
+
+
+def test_numpy_integer_chunk_size_is_accepted(qkv, log_decay_h):
+    """A numpy integer (e.g. from a config array) is a valid chunk size, like a Python int."""
+    q, k, v = qkv
+    out_np, _ = chunkwise_retention(q, k, v, log_decay_h, chunk_size=np.int64(2))
+    out_py, _ = chunkwise_retention(q, k, v, log_decay_h, chunk_size=2)
+    chex.assert_trees_all_equal(out_np, out_py)

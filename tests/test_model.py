@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_relative_close, assert_states_close, random_tokens, relative_error
 from flax import nnx
 
-from conftest import assert_relative_close, assert_states_close, random_tokens, relative_error
 from retnet_jax import RetNet, RetNetConfig
 from retnet_jax.layers.fused import fused_projection
 
@@ -111,13 +111,20 @@ def test_jit_over_nnx_split_state(tiny_model, tiny_apply, tokens):
     run(state, (tokens + 1) % tiny_model.cfg.vocab_size)  # a second call must not retrace
 
 
-def test_out_of_vocabulary_ids_under_jit_give_nan_not_a_silent_clamp(tiny_cfg, tiny_apply, tokens):
-    """Given a token id equal to vocab_size at position 3 (the eager range check cannot run under
-    jit), when the jitted model runs, then the logits at that position are NaN instead of those of
-    a clamped, valid id."""
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_out_of_vocabulary_ids_under_jit_give_nan_not_a_silent_clamp(mode, tiny_cfg, tiny_apply, tokens):
+    """Given a token id equal to vocab_size at position 3 of sequence 0 (the eager range check cannot
+    run under jit), when the jitted model runs in any mode, then that sequence's logits are NaN from
+    position 3 on (never those of a clamped id), its earlier logits and the other sequences are
+    untouched, and its returned state is NaN so that a later call cannot continue silently."""
     bad = tokens.at[0, 3].set(tiny_cfg.vocab_size)
-    logits, _ = tiny_apply(bad, mode="recurrent", chunk_size=CHUNK)
-    assert np.all(np.isnan(np.asarray(logits[0, 3])))
+    logits, state = tiny_apply(bad, mode=mode, chunk_size=CHUNK)
+    reference, _ = tiny_apply(tokens, mode=mode, chunk_size=CHUNK)
+    assert np.all(np.isnan(np.asarray(logits[0, 3:])))
+    chex.assert_trees_all_equal(logits[0, :3], reference[0, :3])
+    chex.assert_trees_all_equal(logits[1:], reference[1:])
+    later, _ = tiny_apply(tokens[:, :1], mode="recurrent", state=state, chunk_size=CHUNK)
+    assert np.all(np.isnan(np.asarray(later[0]))) and np.all(np.isfinite(np.asarray(later[1:])))
 
 
 def test_model_runs_under_jit_on_tokens_closed_over_as_a_constant(tiny_model, tiny_apply, tokens):

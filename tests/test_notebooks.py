@@ -6,11 +6,10 @@ import os
 import pathlib
 import sys
 
+import ipykernel  # noqa: F401  (the "python3" kernel runs `sys.executable -m ipykernel_launcher`)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")  # the "python3" kernel runs `sys.executable -m ipykernel_launcher`
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"

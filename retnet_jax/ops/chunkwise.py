@@ -37,7 +37,9 @@ def chunkwise_retention(
 
     Same arguments and results as `parallel_retention` (q, k `[B, T, H, dk]`, v `[B, T, H, dv]`,
     time on axis 1) plus `chunk_size` (any positive int; T need not be a multiple of it). Memory is
-    O(T * C) instead of O(T**2). A chunk size at least T is the parallel form.
+    O(T * C) for the scores instead of O(T**2), plus the state each chunk starts from,
+    `(T / C) * H * dk * dv` (small chunks with wide heads trade one for the other). A chunk size of
+    at least T is the parallel form.
     """
     batch, length, heads, key_dim, value_dim = check_qkv(q_bthk, k_bthk, v_bthv, log_decay_h)
     chunk = min(check_chunk_size(chunk_size), length)

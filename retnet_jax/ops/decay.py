@@ -48,8 +48,9 @@ def causal_decay_mask(length: int, log_decay_h: jax.Array) -> jax.Array:
 def apply_causal_decay(scores_nm: jax.Array, decay_mask_nm: jax.Array) -> jax.Array:
     """`scores * D` (masks broadcast on the leading axes), future entries set to exactly 0.
 
-    A select rather than a multiply by the zeros of `D`: `NaN * 0` would let a non-finite future
-    token reach earlier rows, which the recurrent form never does.
+    A select rather than a multiply by the zeros of `D`, so a non-finite future q or k never reaches
+    earlier rows. (A non-finite future *v* still does, through `0 * NaN` in the next matmul: in the
+    parallel and chunkwise forms it poisons its block or chunk. The model never feeds them one.)
     """
     idx = jnp.arange(scores_nm.shape[-1])
     causal_nm = idx[:, None] >= idx[None, :]

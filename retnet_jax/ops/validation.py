@@ -5,6 +5,8 @@ Shapes are static under `jax.jit`, so these checks cost nothing at run time.
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 
@@ -71,9 +73,14 @@ def check_state(
 
 
 def check_chunk_size(chunk_size) -> int:
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+    """A positive Python or numpy integer, as a Python int."""
+    try:
+        value = operator.index(chunk_size) if not isinstance(chunk_size, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    return chunk_size
+    return value
 
 
 def as_log_decay(log_decay_h, dtype) -> jax.Array:
