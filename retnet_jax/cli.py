@@ -22,7 +22,6 @@ def _convert_torchscale(ns: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from retnet_jax.interop.torchscale import (
-        config_to_dict,
         count_parameters,
         load_torchscale,
         save_converted,
@@ -39,7 +38,7 @@ def _convert_torchscale(ns: argparse.Namespace) -> int:
     cfg, model = load_torchscale(ns.checkpoint, args, **overrides)
     outdir = save_converted(model, ns.outdir, force=ns.force)
     print(f"converted {ns.checkpoint} -> {outdir} ({count_parameters(model):,} parameters)")
-    print(json.dumps(config_to_dict(cfg)))
+    print(json.dumps(cfg.to_dict()))
     return 0
 
 

@@ -30,8 +30,9 @@ def replace_after(x, fresh, t: int):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", FORMS)
 def test_retention_output_up_to_t_ignores_later_tokens(form, dtype, t):
-    """Given q, k, v over 10 steps (8 heads, so bf16 includes the gamma-rounds-to-1 heads), when all
-    steps after t are replaced, then outputs at positions <= t are bit-identical."""
+    """Given q, k, v over 10 steps (8 heads, whose slowest gammas bf16 would round to 1 were the
+    decays not kept in float32), when all steps after t are replaced, then outputs at positions
+    <= t are bit-identical."""
     log_decay_h = jnp.asarray(official_log_decay(8))
     qkv = random_qkv(0, 2, LENGTH, 8, 4, 4, dtype)
     fresh = random_qkv(1, 2, LENGTH, 8, 4, 4, dtype, q_scale=100.0)

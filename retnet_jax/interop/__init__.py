@@ -13,8 +13,6 @@ from retnet_jax.interop.state import (
 )
 from retnet_jax.interop.torchscale import (
     PARAM_MAP,
-    config_from_dict,
-    config_to_dict,
     infer_torchscale_args,
     load_converted,
     load_torchscale,
@@ -27,8 +25,6 @@ from retnet_jax.interop.torchscale import (
 __all__ = [
     "PARAM_MAP",
     "MissingKeySumWarning",
-    "config_from_dict",
-    "config_to_dict",
     "infer_torchscale_args",
     "load_converted",
     "load_torchscale",

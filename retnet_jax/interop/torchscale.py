@@ -620,16 +620,6 @@ def to_torchscale(model: RetNet) -> dict[str, Any]:
 CONFIG_FILE, PARAMS_DIR = "config.json", "params"
 
 
-def config_to_dict(cfg: RetNetConfig) -> dict[str, Any]:
-    """`cfg` as JSON-ready values (dtypes as their names, e.g. "bfloat16")."""
-    return cfg.to_dict()
-
-
-def config_from_dict(data: Mapping[str, Any]) -> RetNetConfig:
-    """Inverse of `config_to_dict`; absent fields take their defaults, unknown fields raise."""
-    return RetNetConfig.from_dict(dict(data))
-
-
 def save_converted(model: RetNet, outdir, *, force: bool = False) -> Path:
     """Write `outdir/config.json` (the RetNetConfig) and an orbax checkpoint of the parameters in
     `outdir/params`. Refuses to overwrite unless `force`. Returns the directory."""
@@ -643,7 +633,7 @@ def save_converted(model: RetNet, outdir, *, force: bool = False) -> Path:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(outdir / PARAMS_DIR, params, force=force)
-    (outdir / CONFIG_FILE).write_text(json.dumps(config_to_dict(model.cfg), indent=2) + "\n")
+    (outdir / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
     return outdir
 
 
@@ -652,7 +642,7 @@ def load_converted(outdir) -> tuple[RetNetConfig, RetNet]:
     import orbax.checkpoint as ocp
 
     outdir = Path(outdir).absolute()
-    cfg = config_from_dict(json.loads((outdir / CONFIG_FILE).read_text()))
+    cfg = RetNetConfig.from_dict(json.loads((outdir / CONFIG_FILE).read_text()))
     graphdef, params, constants = _abstract_model(cfg)
     target = nnx.to_pure_dict(params)
     with ocp.StandardCheckpointer() as checkpointer:

@@ -6,16 +6,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retnet_jax.ops.state import accumulation_dtype
+
 
 def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
     """`x / sqrt(mean(x**2) + eps)` over the last axis, in float32 (at least)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(accumulation_dtype(x.dtype))
     return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
 def layer_normalise(x: jax.Array, eps: float) -> jax.Array:
     """`(x - mean) / sqrt(var + eps)` over the last axis, in float32 (at least)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = x.astype(accumulation_dtype(x.dtype))
     centred = x - jnp.mean(x, axis=-1, keepdims=True)
     return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retnet_jax.ops.state import accumulation_dtype
+
 
 def rotation_frequencies(key_dim: int) -> np.ndarray:
     """`theta_i = 1 / 10000 ** linspace(0, 1, dk // 2)`, float32 `[dk // 2]` (linspace, not RoPE's 2i/dk)."""
@@ -24,7 +26,7 @@ def rotate(x_bthk: jax.Array, position_bt: jax.Array, freqs_p: jax.Array) -> jax
     interleaved `[t0, t0, t1, t1, ...]` angles. x: `[B, T, H, dk]`, position: int `[B, T]`.
     Returns x's dtype; the trigonometry runs in float32 (float64 for float64 x).
     """
-    acc = jnp.promote_types(x_bthk.dtype, jnp.float32)
+    acc = accumulation_dtype(x_bthk.dtype)
     angle_btp = position_bt.astype(acc)[..., None] * jnp.asarray(freqs_p, acc)
     cos, sin = jnp.cos(angle_btp)[:, :, None], jnp.sin(angle_btp)[:, :, None]
     pairs = x_bthk.astype(acc).reshape(*x_bthk.shape[:-1], -1, 2)
