@@ -26,7 +26,8 @@ class RetNetConfig:
     ffn_dim: int = 128
     chunk_size: int = 512  # default block length of mode="chunkwise"
 
-    decay: Literal["official", "paper"] = "official"  # gamma_h schedule, SPEC section 1
+    # gamma_h schedule, SPEC section 1; "torchscale": official as float32 rounds it (h >= 20: no decay)
+    decay: Literal["official", "torchscale", "paper"] = "official"
     ffn: Literal["glu", "plain"] = "glu"  # 0.3.0's GLU or the paper's gelu(x W1) W2
     activation: Literal["gelu", "swish"] = "gelu"  # of the FFN
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # block, final and embedding norms
@@ -63,7 +64,8 @@ class RetNetConfig:
                 raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
                                  f"got {getattr(self, name)!r}") from err
         choices = {
-            "decay": ("official", "paper"), "ffn": ("glu", "plain"), "activation": ("gelu", "swish"),
+            "decay": ("official", "torchscale", "paper"), "ffn": ("glu", "plain"),
+            "activation": ("gelu", "swish"),
             "norm": ("rmsnorm", "layernorm"), "head_norm": ("rmsnorm", "layernorm", "groupnorm"),
         }
         for name, allowed in choices.items():

@@ -255,3 +255,13 @@ def test_normaliser_of_a_head_without_decay_is_inverse_sqrt_of_n_plus_one():
     chex.assert_tree_all_finite(got)
     np.testing.assert_allclose(np.asarray(got)[..., 0], 1 / np.sqrt(position_bt + 1.0),
                                rtol=FLOAT32_ULP)
+
+
+def test_torchscale_schedule_is_official_rounded_through_float32():
+    """torchscale forms gamma in float32: heads 0..19 equal the official schedule exactly, and from
+    head 20 on `1 - 2**(-5-h)` rounds to 1, i.e. no decay (oracle: float32 arithmetic by hand)."""
+    from retnet_jax.ops import torchscale_log_decay
+
+    chex.assert_trees_all_equal(torchscale_log_decay(32)[:20], official_log_decay(20))
+    assert np.all(torchscale_log_decay(32)[20:] == 0.0)
+    assert np.float32(1.0) - np.float32(2.0**-25) == np.float32(1.0)

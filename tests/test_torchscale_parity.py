@@ -122,7 +122,8 @@ def _args(d, value, heads, ffn, layers, activation, **flags) -> dict:
                 decoder_ffn_embed_dim=ffn, decoder_layers=layers, activation_fn=activation, **flags)
 
 
-# 1 to 4 heads, value widths 1d, 1.25d, 1.5d, 2d, 3d, gelu and swish, every embedding option, 1 to 3 layers.
+# 1 to 4 (and 24) heads, value widths 1d, 1.25d, 1.5d, 2d, 3d, gelu and swish, every embedding
+# option, 1 to 3 layers.
 CASES = [
     Case("H1-L1-gelu-v1.5d", _args(16, 24, 1, 32, 1, "gelu"), 1),
     Case("H2-L2-swish-scaled", _args(32, 64, 2, 48, 2, "swish", no_scale_embedding=False), 2),
@@ -135,6 +136,8 @@ CASES = [
                                                  no_scale_embedding=False), 5),
     Case("H4-L1-swish-lnemb-v1d-eps1e-5", _args(32, 32, 4, 40, 1, "swish", layernorm_embedding=True,
                                                 layernorm_eps=1e-5), 6),
+    # More than 20 heads: torchscale's float32 gammas are exactly 1 from head 20 on (no decay).
+    Case("H24-L2-swish-undecayed-heads", _args(96, 96, 24, 64, 2, "swish"), 7),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -329,7 +332,8 @@ def test_state_dict_round_trip_is_bit_exact(pair):
     # ... and torchscale accepts it as is (strict).
     fresh = build_torchscale(pair.case.args, seed=999)
     fresh.load_state_dict(back, strict=True)
-    assert np.array_equal(ts_parallel(fresh, pair.tokens[:, :8]), pair.reference[:, :8])
+    # Same tokens, same length: torch's own summation order is then fixed, so bitwise equal.
+    assert np.array_equal(ts_parallel(fresh, pair.tokens[:, :8]), ts_parallel(pair.dec, pair.tokens[:, :8]))
     rebuilt = RetNetDecoder(TSConfig(**torchscale_args(pair.cfg)),
                             embed_tokens=torch.nn.Embedding(VOCAB, pair.cfg.d_model))
     result = rebuilt.load_state_dict(back, strict=True)
@@ -574,8 +578,6 @@ def test_torchscale_config_rules():
         "mixture-of-experts": dict(base, moe_freq=2, moe_expert_count=2),
         "no_output_layer=True": dict(base, no_output_layer=True),
         "vocab_size=-1": dict(base, vocab_size=-1),
-        "decoder_retention_heads=32": dict(base, decoder_embed_dim=256, decoder_value_embed_dim=256,
-                                           decoder_retention_heads=32),
     }
     for reason, args in bad.items():
         with pytest.raises(ValueError, match=re.escape(reason)):

@@ -82,8 +82,8 @@ TIED_KEY, TIED_SOURCE = "output_projection.weight", "embed_tokens.weight"
 # Persistent buffers of `RetNetRelPos`: derived from the config, checked on load, produced on save.
 ANGLE_KEY, DECAY_KEY = "retnet_rel_pos.angle", "retnet_rel_pos.decay"
 # torchscale's `gamma_h = 1 - 2**(-5 - h)` is computed in float32, where it rounds to exactly 1 for
-# h >= 20; retnet_jax keeps gamma < 1, so models with more heads are not converted.
-MAX_HEADS = 20
+# h >= 20: models with more heads convert with decay="torchscale", which reproduces that rounding.
+ROUNDED_HEADS = 20
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -183,10 +183,6 @@ def torchscale_config(args, *, vocab_size: int | None = None, **overrides) -> Re
     if not a["deepnorm"] and not a["decoder_normalize_before"]:
         problems.append("decoder_normalize_before=False without deepnorm (plain post-norm blocks)")
     heads = a["decoder_retention_heads"]
-    if isinstance(heads, int) and heads > MAX_HEADS:
-        problems.append(
-            f"decoder_retention_heads={heads} > {MAX_HEADS}: torchscale computes gamma_h = "
-            "1 - 2**(-5-h) in float32, which is exactly 1 (no decay) for h >= 20")
     if vocab_size is None:
         vocab_size = a["vocab_size"]
     if not isinstance(vocab_size, int) or vocab_size <= 0:
@@ -204,7 +200,7 @@ def torchscale_config(args, *, vocab_size: int | None = None, **overrides) -> Re
         value_dim=a["decoder_value_embed_dim"],
         ffn_dim=a["decoder_ffn_embed_dim"],
         chunk_size=a["recurrent_chunk_size"] or TORCHSCALE_DEFAULTS["recurrent_chunk_size"],
-        decay="official",
+        decay="torchscale" if isinstance(heads, int) and heads > ROUNDED_HEADS else "official",
         ffn="glu",
         activation=activation,
         norm="rmsnorm",
@@ -226,14 +222,16 @@ def torchscale_args(cfg: RetNetConfig) -> dict[str, Any]:
     """Keyword arguments of torchscale's `RetNetConfig` for the same model as `cfg` (inference:
     dropouts 0). Raises ValueError for what torchscale 0.3.0 cannot express."""
     problems = []
-    for name, want in (("decay", "official"), ("ffn", "glu"), ("norm", "rmsnorm"), ("head_norm", "rmsnorm")):
+    for name, want in (("ffn", "glu"), ("norm", "rmsnorm"), ("head_norm", "rmsnorm")):
         if getattr(cfg, name) != want:
             problems.append(f"{name}={getattr(cfg, name)!r} (torchscale 0.3.0: {want!r})")
+    # The two schedules coincide up to 20 heads; beyond, only the float32-rounded one is torchscale's.
+    if cfg.decay == "paper" or (cfg.decay == "official" and cfg.n_heads > ROUNDED_HEADS):
+        problems.append(f"decay={cfg.decay!r} with {cfg.n_heads} heads (torchscale 0.3.0: 'torchscale', "
+                        "gamma_h = 1 - 2**(-5-h) rounded to float32)")
     if cfg.norm_eps != cfg.head_norm_eps:
         problems.append(f"norm_eps={cfg.norm_eps} != head_norm_eps={cfg.head_norm_eps} "
                         "(torchscale uses layernorm_eps for both)")
-    if cfg.n_heads > MAX_HEADS:
-        problems.append(f"n_heads={cfg.n_heads} > {MAX_HEADS} (torchscale's float32 decays)")
     if problems:
         raise ValueError("RetNetConfig not expressible in torchscale 0.3.0:\n  - " + "\n  - ".join(problems))
     return dict(

@@ -12,6 +12,7 @@ from retnet_jax.ops.decay import (
     log_decay,
     official_log_decay,
     paper_log_decay,
+    torchscale_log_decay,
 )
 from retnet_jax.ops.parallel import parallel_retention
 from retnet_jax.ops.recurrent import recurrent_retention, retention_step
@@ -32,4 +33,5 @@ __all__ = [
     "retention_step",
     "rotate",
     "rotation_frequencies",
+    "torchscale_log_decay",
 ]

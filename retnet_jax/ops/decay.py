@@ -18,6 +18,15 @@ def official_log_decay(num_heads: int) -> np.ndarray:
     return np.log1p(-(2.0 ** (-5.0 - h))).astype(np.float32)
 
 
+def torchscale_log_decay(num_heads: int) -> np.ndarray:
+    """torchscale 0.3.0 bit for bit: it forms `gamma_h` in float32, where `1 - 2**(-5 - h)` rounds to
+    exactly 1 for h >= 20, so those heads do not decay (log gamma = 0). Equal to
+    `official_log_decay` for the first 20 heads."""
+    exponent = np.float32(-5.0) - np.arange(num_heads, dtype=np.float32)
+    gamma32 = np.float32(1.0) - np.float32(2.0) ** exponent
+    return np.log(gamma32.astype(np.float64)).astype(np.float32)
+
+
 def paper_log_decay(num_heads: int) -> np.ndarray:
     """Paper experiments: `gamma = 1 - exp(linspace(log(1/32), log(1/512), H))` as `log(gamma)`."""
     one_minus_gamma = np.exp(np.linspace(np.log(1 / 32), np.log(1 / 512), num_heads))
@@ -25,12 +34,13 @@ def paper_log_decay(num_heads: int) -> np.ndarray:
 
 
 def log_decay(num_heads: int, schedule: str = "official") -> np.ndarray:
-    """`log(gamma_h)` for the named schedule: "official" (torchscale) or "paper"."""
-    if schedule == "official":
-        return official_log_decay(num_heads)
-    if schedule == "paper":
-        return paper_log_decay(num_heads)
-    raise ValueError(f"decay schedule must be 'official' or 'paper', got {schedule!r}")
+    """`log(gamma_h)` for the named schedule: "official", "torchscale" (official as torchscale's
+    float32 arithmetic rounds it: no decay from head 20 on) or "paper"."""
+    schedules = {"official": official_log_decay, "torchscale": torchscale_log_decay,
+                 "paper": paper_log_decay}
+    if schedule not in schedules:
+        raise ValueError(f"decay schedule must be one of {sorted(schedules)}, got {schedule!r}")
+    return schedules[schedule](num_heads)
 
 
 def causal_decay_mask(length: int, log_decay_h: jax.Array) -> jax.Array:
