@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:  # user errors: one line, no traceback
         print(f"retnet-jax {ns.command}: error: {err}", file=sys.stderr)
         return 1
 
