@@ -144,7 +144,8 @@ def test_state_that_is_not_a_retention_state_is_rejected(form, qkv, log_decay_h)
 
 
 def test_unknown_decay_schedule_is_rejected():
-    with pytest.raises(ValueError, match=r"^decay schedule must be 'official' or 'paper'"):
+    with pytest.raises(ValueError,
+                       match=r"^decay schedule must be one of \['official', 'paper', 'torchscale'\]"):
         log_decay(4, "linear")
 
 
