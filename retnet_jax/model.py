@@ -92,10 +92,11 @@ class RetNet(nnx.Module):
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
+        x_btd, state = _poison_after_invalid(x_btd, state, invalid_bt)
         unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
         logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd.astype(cfg.dtype),
                             preferred_element_type=jnp.float32)
-        return _poison_after_invalid(logits, state, invalid_bt)
+        return logits, state
 
 
 def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
@@ -119,15 +120,17 @@ def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
     return tokens_bt
 
 
-def _poison_after_invalid(logits_btv, state: RetentionState, invalid_bt):
-    """NaN logits from a sequence's first invalid id on, and a NaN state for that sequence."""
+def _poison_after_invalid(x_btd, state: RetentionState, invalid_bt):
+    """NaN features (hence NaN logits) from a sequence's first invalid id on, and a NaN state for that
+    sequence. Applied to the `[B, T, d]` features, not the `[B, T, vocab]` logits: the select and its
+    gradient then cost d/vocab as much."""
     poisoned_bt = jnp.cumsum(invalid_bt, axis=1) > 0
-    logits_btv = jnp.where(poisoned_bt[..., None], jnp.nan, logits_btv)
+    x_btd = jnp.where(poisoned_bt[..., None], jnp.nan, x_btd)
     poisoned_b = poisoned_bt[:, -1]
     state = state._replace(
         kv_bhkv=jnp.where(poisoned_b[None, :, None, None, None], jnp.nan, state.kv_bhkv),
         key_bhk=jnp.where(poisoned_b[None, :, None, None], jnp.nan, state.key_bhk))
-    return logits_btv, state
+    return x_btd, state
 
 
 def _check_model_state(state, model: RetNet, batch: int) -> RetentionState:

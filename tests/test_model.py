@@ -165,9 +165,9 @@ def test_parameter_gradients_agree_between_parallel_and_chunkwise_modes(tiny_mod
 
 @pytest.mark.parametrize("used", [(0, 1, 2), (1,)], ids=["all-outputs", "one-output"])
 def test_fused_projection_backward_equals_plain_slicing(used):
-    """`fused_projection`'s custom VJP (stacking the cotangents) gives the gradients of the plain
-    `einsum` + slice it replaces, w.r.t. both x and the kernel, also when some outputs are unused
-    (zero cotangents). float32, 1e-6: the same products summed in the same order, measured ~1e-7."""
+    """`fused_projection`'s custom VJP (one concatenated cotangent, two matmuls) gives the gradients
+    of the plain `einsum` + slice it replaces, w.r.t. both x and the kernel, also when some outputs
+    are unused (zero cotangents). float32, 1e-6: the same products summed in the same order, measured ~1e-7."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((8, 3, 6)), jnp.float32)

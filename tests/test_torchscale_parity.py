@@ -14,7 +14,8 @@ Error measure: `max|ours - theirs| / max|theirs|` over the whole logits array. T
 
 torch, fairscale and torchscale are test dependencies: with the environment variable CI set, a
 missing one fails the run at import; locally the module is skipped. timm (imported by torchscale's
-droppath for `drop_path` only) is replaced by a minimal stand-in when it is not importable.
+droppath for `drop_path` only) is replaced by `retnet_jax.interop.official`'s stand-in when it is not
+importable.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_INSTALL = ('pip install "torch==2.13.0" safetensors orbax-checkpoint && '
-            'pip install --no-deps "torchscale==0.3.0" "fairscale==0.4.13"')
+from retnet_jax.interop.official import INSTALL_HINT, install_timm_stand_in
+
+_INSTALL = f'pip install safetensors orbax-checkpoint && {INSTALL_HINT}'
 
 
 def _require(name: str):
@@ -47,35 +49,11 @@ def _require(name: str):
         pytest.skip(f"{name} not installed (torchscale parity tests; {_INSTALL})", allow_module_level=True)
 
 
-def _drop_path(x, drop_prob: float = 0.0, training: bool = False):
-    """timm.models.layers.drop_path: identity unless training with drop_prob > 0."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-def _install_timm_stand_in():
-    """torchscale's droppath does `from timm.models.layers import drop_path`; timm needs torchvision,
-    which does not install cleanly beside the CPU torch. Register a stand-in unless timm imports."""
-    try:
-        importlib.import_module("timm.models.layers")
-        return
-    except Exception:
-        for name in ("timm", "timm.models", "timm.models.layers"):
-            sys.modules.pop(name, None)
-    timm, models, layers = (types.ModuleType(n) for n in ("timm", "timm.models", "timm.models.layers"))
-    layers.drop_path = _drop_path
-    timm.models, models.layers = models, layers
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
-
-
 torch = _require("torch")
 _require("fairscale")
 _require("safetensors")
 _require("orbax.checkpoint")
-_install_timm_stand_in()
+install_timm_stand_in()
 _require("torchscale")
 import jax
 import jax.numpy as jnp

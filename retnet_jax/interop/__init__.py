@@ -2,7 +2,8 @@
 
 `retnet_jax.interop` itself needs only JAX and NumPy: torch is imported lazily by the functions that
 read or produce torch tensors, orbax by the functions that write or read converted checkpoints, and
-torchscale is never imported (its state dicts and incremental states are plain dicts of tensors).
+torchscale is never imported here (its state dicts and incremental states are plain dicts of tensors);
+`retnet_jax.interop.official.import_torchscale()` imports it, for running the two side by side.
 """
 
 from retnet_jax.interop.state import (
