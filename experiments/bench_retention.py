@@ -64,6 +64,19 @@ def best_time(fn, *args, repeats: int) -> float:
     return min(times)
 
 
+def best_times_interleaved(steps: dict, repeats: int) -> dict:
+    """Minimum wall time of each zero-argument step over `repeats` rounds, the steps taking turns
+    within each round (after one warm-up round), so a slow spell of a shared machine hits all alike."""
+    times = {name: [] for name in steps}
+    for round_ in range(repeats + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step())
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
 def matmul_gflops(repeats: int) -> float:
     """The machine's own float32 matmul rate: the best of a few square sizes."""
     rates = []
@@ -151,35 +164,24 @@ MODEL_CFG = RetNetConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=4, va
                          chunk_size=512)
 
 
-def bench_model(lengths, repeats, cfg: RetNetConfig = MODEL_CFG):
-    """Forward+backward tokens/s of a 6-layer RetNet LM in chunkwise mode (chunk 512), batch 1."""
+def retnet_step(cfg: RetNetConfig, length: int):
+    """A compiled forward+backward step of this package's RetNet (chunkwise) on one random sequence."""
     model = RetNet(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    matmul_params = n_params - cfg.vocab_size * cfg.d_model  # the input embedding is a gather
 
     def loss_fn(params, tokens):
         logits, _ = nnx.merge(graphdef, params, rest)(tokens[:, :-1], mode="chunkwise")
         return cross_entropy(logits, tokens[:, 1:])
 
     step = jax.jit(jax.value_and_grad(loss_fn))
-    rows = []
-    for length in lengths:
-        tokens = jax.random.randint(jax.random.key(length), (1, length + 1), 0, cfg.vocab_size)
-        seconds = best_time(step, params, tokens, repeats=repeats)
-        per_layer = form_flops("chunkwise", length, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim,
-                               cfg.chunk_size)
-        flops = 6.0 * matmul_params * length + 3.0 * cfg.n_layers * per_layer
-        rows.append({"T": length, "seconds": seconds, "tokens_per_s": length / seconds,
-                     "gflops": flops / seconds / 1e9, "params": n_params})
-        print(f"  RetNet 6x512 chunkwise fwd+bwd T={length:>5}: {length / seconds:8.0f} tokens/s "
-              f"({seconds * 1e3:.0f} ms/step, {flops / seconds / 1e9:.1f} GF/s)", flush=True)
-    return rows
+    tokens = jax.random.randint(jax.random.key(length), (1, length + 1), 0, cfg.vocab_size)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return (lambda: step(params, tokens)), n_params
 
 
-def bench_torchscale(lengths, repeats, cfg: RetNetConfig = MODEL_CFG):
-    """The same model in the official PyTorch code (torchscale 0.3.0, chunkwise mode, float32, all
-    cores): forward+backward tokens/s of the same loss. Empty when torch or torchscale is missing."""
+def torchscale_step(cfg: RetNetConfig, length: int):
+    """The same step in the official PyTorch code (torchscale 0.3.0, chunkwise mode, float32, all
+    cores), or None with the reason when torch or torchscale is missing."""
     try:
         import torch
 
@@ -187,29 +189,51 @@ def bench_torchscale(lengths, repeats, cfg: RetNetConfig = MODEL_CFG):
         from retnet_jax.interop.official import import_torchscale
         ts = import_torchscale()
     except ImportError as err:
-        print(f"  torchscale not measured: {err}")
-        return []
+        return None, str(err)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     args = ts.RetNetConfig(**torchscale_args(cfg), chunkwise_recurrent=True)
     decoder = ts.RetNetDecoder(args, embed_tokens=torch.nn.Embedding(cfg.vocab_size, cfg.d_model)).train()
+    tokens = torch.randint(0, cfg.vocab_size, (1, length + 1))
 
-    def step(tokens):
+    def step():
         decoder.zero_grad(set_to_none=True)
         logits, _ = decoder(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1))
         loss.backward()
-        return loss
+        return loss.detach().numpy()
 
-    rows = []
+    return step, f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def bench_model(lengths, repeats, with_torchscale: bool, cfg: RetNetConfig = MODEL_CFG):
+    """Forward+backward tokens/s of a 6-layer RetNet LM in chunkwise mode (chunk 512), batch 1, and
+    of torchscale's, their steps alternating. Returns (our rows, torchscale rows)."""
+    rows, torchscale_rows = [], []
     for length in lengths:
-        tokens = torch.randint(0, cfg.vocab_size, (1, length + 1))
-        seconds = best_time(step, tokens, repeats=repeats)
-        rows.append({"T": length, "seconds": seconds, "tokens_per_s": length / seconds,
-                     "torch": torch.__version__, "threads": torch.get_num_threads()})
-        print(f"  torchscale 0.3.0 (PyTorch {torch.__version__}, {torch.get_num_threads()} threads) "
-              f"T={length:>5}: {length / seconds:8.0f} tokens/s ({seconds * 1e3:.0f} ms/step)", flush=True)
-    return rows
+        ours, n_params = retnet_step(cfg, length)
+        steps = {"ours": ours}
+        theirs, note = torchscale_step(cfg, length) if with_torchscale else (None, "--no-torchscale")
+        if theirs is not None:
+            steps["torchscale"] = theirs
+        elif length == lengths[0]:
+            print(f"  torchscale not measured: {note}")
+        seconds = best_times_interleaved(steps, repeats)
+        matmul_params = n_params - cfg.vocab_size * cfg.d_model  # the input embedding is a gather
+        per_layer = form_flops("chunkwise", length, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim,
+                               cfg.chunk_size)
+        flops = 6.0 * matmul_params * length + 3.0 * cfg.n_layers * per_layer
+        s = seconds["ours"]
+        rows.append({"T": length, "seconds": s, "tokens_per_s": length / s, "gflops": flops / s / 1e9,
+                     "params": n_params})
+        print(f"  RetNet 6x512 chunkwise fwd+bwd T={length:>5}: {length / s:8.0f} tokens/s "
+              f"({s * 1e3:.0f} ms/step, {flops / s / 1e9:.1f} GF/s)", flush=True)
+        if "torchscale" in seconds:
+            s = seconds["torchscale"]
+            torchscale_rows.append({"T": length, "seconds": s, "tokens_per_s": length / s, "runtime": note})
+            print(f"  torchscale 0.3.0 ({note}) T={length:>5}: {length / s:8.0f} tokens/s "
+                  f"({s * 1e3:.0f} ms/step)", flush=True)
+    return rows, torchscale_rows
 
 
 def plot(rows, path: Path) -> None:
@@ -255,8 +279,7 @@ def main(argv=None) -> int:
     print(f"retention forms (B=1, H=8, dk=64, dv=128, chunk {args.chunk_size})")
     rows = bench_forms(args.lengths, args.chunk_size, args.repeats)
     print("\nmodel (6 layers, d 512, 4 heads, value 1024, FFN 1024, vocab 8192, chunk 512, batch 1)")
-    model_rows = bench_model(args.model_lengths, args.repeats)
-    torchscale_rows = [] if args.no_torchscale else bench_torchscale(args.model_lengths, args.repeats)
+    model_rows, torchscale_rows = bench_model(args.model_lengths, args.repeats, not args.no_torchscale)
 
     checks = summarise(rows, model_rows, torchscale_rows, rate, args.lengths)
     args.out.parent.mkdir(parents=True, exist_ok=True)
