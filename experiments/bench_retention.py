@@ -53,17 +53,6 @@ def available_bytes() -> int:
         return 1 << 62
 
 
-def best_time(fn, *args, repeats: int) -> float:
-    """Minimum wall time of `repeats` calls after one warm-up (compilation excluded)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def best_times_interleaved(steps: dict, repeats: int) -> dict:
     """Minimum wall time of each zero-argument step over `repeats` rounds, the steps taking turns
     within each round (after one warm-up round), so a slow spell of a shared machine hits all alike."""
@@ -75,6 +64,11 @@ def best_times_interleaved(steps: dict, repeats: int) -> dict:
             if round_:
                 times[name].append(time.perf_counter() - start)
     return {name: min(t) for name, t in times.items()}
+
+
+def best_time(fn, *args, repeats: int) -> float:
+    """Minimum wall time of `repeats` calls after one warm-up (compilation excluded)."""
+    return best_times_interleaved({"fn": lambda: fn(*args)}, repeats)["fn"]
 
 
 def matmul_gflops(repeats: int) -> float:
