@@ -38,6 +38,11 @@ class RetNetConfig:
     embedding_norm: bool = False  # 0.3.0's layernorm_embedding
     tie_embeddings: bool = False  # share_decoder_input_output_embed
     deepnorm: bool = False  # DeepNet post-norm blocks, alpha = (2L)**0.25
+    # What the backward pass keeps of each block (jax.checkpoint): "projections" keeps the matmul
+    # outputs (q, k, v, gate, the retention output, the FFN input projections) and recomputes norms,
+    # rotations, decay masks, scores and activations; "none" keeps whatever XLA would; "full" keeps
+    # only each block's input and recomputes the block (least memory, ~1/3 more compute).
+    remat: Literal["none", "projections", "full"] = "none"
 
     dtype: Any = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Any = jnp.float32  # storage dtype of parameters
@@ -67,6 +72,7 @@ class RetNetConfig:
             "decay": ("official", "torchscale", "paper"), "ffn": ("glu", "plain"),
             "activation": ("gelu", "swish"),
             "norm": ("rmsnorm", "layernorm"), "head_norm": ("rmsnorm", "layernorm", "groupnorm"),
+            "remat": ("none", "projections", "full"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -9,6 +9,7 @@ from flax import nnx
 
 from retnet_jax.config import Mode, RetNetConfig
 from retnet_jax.layers.block import RetNetBlock
+from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
 from retnet_jax.ops import RetentionState, init_state
 from retnet_jax.ops.validation import check_chunk_size
@@ -88,15 +89,33 @@ class RetNet(nnx.Module):
             block = nnx.merge(graphdef, params)
             return block(x_btd, layer_state, mode=mode, chunk_size=chunk_size)
 
-        x_btd, state = jax.lax.scan(layer, x_btd, (block_params, state))
+        x_btd, state = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state))
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
         x_btd, state = _poison_after_invalid(x_btd, state, invalid_bt)
         unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
-        logits = jnp.einsum("btd,vd->btv", x_btd, unembed_vd.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = unembed(x_btd, unembed_vd, cfg.dtype)
         return logits, state
+
+
+# Names the layers give (with `jax.ad_checkpoint.checkpoint_name`) to the activations that
+# remat="projections" keeps for the backward pass.
+SAVED_ACTIVATIONS = ("qk", "vg", "retention", "ffn_in")
+
+
+def remat_layer(layer, remat: str):
+    """`layer` under `jax.checkpoint` with the policy `RetNetConfig.remat` names.
+
+    Keeping only the projection outputs cut the temporary memory of a 6-layer, T=2048 training step
+    from 1.39 GB to 0.51 GB and its time by ~15% on a 2-core CPU: writing and re-reading every
+    intermediate cost more than recomputing the cheap elementwise ones.
+    """
+    if remat == "none":
+        return layer
+    policy = (jax.checkpoint_policies.nothing_saveable if remat == "full"
+              else jax.checkpoint_policies.save_only_these_names(*SAVED_ACTIVATIONS))
+    return jax.checkpoint(layer, policy=policy, prevent_cse=False)
 
 
 def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:

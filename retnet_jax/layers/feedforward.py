@@ -6,9 +6,10 @@ import functools
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.config import RetNetConfig
-from retnet_jax.layers.fused import fused_projection
+from retnet_jax.layers.fused import fused_projection, projection
 from retnet_jax.layers.initializers import stacked, torch_linear_default
 
 # Exact (erf) gelu, as torch's default.
@@ -31,8 +32,8 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
-        projected = fused_projection(x_btd, self.in_proj[...], cfg.dtype)
+        projected = checkpoint_name(fused_projection(x_btd, self.in_proj[...], cfg.dtype), "ffn_in")
         hidden = ACTIVATIONS[cfg.activation](projected[0])
         if cfg.ffn == "glu":
             hidden = hidden * projected[1]
-        return hidden @ self.out_proj[...].astype(cfg.dtype)
+        return projection(hidden, self.out_proj[...], cfg.dtype)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.config import Mode, RetNetConfig
-from retnet_jax.layers.fused import fused_projection
+from retnet_jax.layers.fused import fused_projection, projection
 from retnet_jax.layers.initializers import stacked, xavier_uniform
 from retnet_jax.layers.norms import HeadNorm
 from retnet_jax.ops import (
@@ -47,8 +48,8 @@ class MultiScaleRetention(nnx.Module):
         cfg = self.cfg
         batch, length, _ = x_btd.shape
         heads, dk, dv = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
-        q_btd, k_btd = fused_projection(x_btd, self.qk_proj[...], cfg.dtype)
-        v_bte, gate_bte = fused_projection(x_btd, self.vg_proj[...], cfg.dtype)
+        q_btd, k_btd = checkpoint_name(fused_projection(x_btd, self.qk_proj[...], cfg.dtype), "qk")
+        v_bte, gate_bte = checkpoint_name(fused_projection(x_btd, self.vg_proj[...], cfg.dtype), "vg")
         q_bthk = q_btd.reshape(batch, length, heads, dk)
         k_bthk = (k_btd * dk**-0.5).reshape(batch, length, heads, dk)
         v_bthv = v_bte.reshape(batch, length, heads, dv)
@@ -70,6 +71,7 @@ class MultiScaleRetention(nnx.Module):
         else:
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
 
+        o_bthv = checkpoint_name(o_bthv, "retention")
         o_bte = self.head_norm(o_bthv).reshape(batch, length, cfg.value_dim)
         gated_bte = (jax.nn.swish(gate_bte.astype(jnp.float32)) * o_bte).astype(cfg.dtype)
-        return gated_bte @ self.out_proj[...].astype(cfg.dtype), state
+        return projection(gated_bte, self.out_proj[...], cfg.dtype), state
