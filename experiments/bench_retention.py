@@ -10,12 +10,6 @@ hardware does); the JSON also gives the useful rate, without those masked produc
 Forward+backward counts 3x forward. When torch and torchscale 0.3.0 are installed, the official
 PyTorch RetNet of the same size is timed in the same run (its chunkwise mode, chunk 512) and the
 model line is given as a ratio to it; `--no-torchscale` skips that.
-
-On Linux with glibc the script re-executes itself once with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(`--no-hugepages` opts out): XLA:CPU allocates each step's scratch memory afresh, and with
-transparent huge pages in "madvise" mode the kernel otherwise faults it in 4 KiB at a time (measured:
-11% of a training step's CPU time in page faults, 2.4% with the tunable). Both models share the
-process, so the torchscale line runs under the same setting.
 """
 
 from __future__ import annotations
@@ -28,34 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-
-def reexec_with_huge_pages(argv: list[str]) -> None:
-    """Run this script again with glibc's malloc asking for transparent huge pages (see above)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "--no-hugepages" in argv
-            or HUGE_PAGES in tunables):
-        return
-    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-
-
-if __name__ == "__main__":
-    reexec_with_huge_pages(sys.argv[1:])
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from retnet_jax import RetNet, RetNetConfig  # noqa: E402
-from retnet_jax.losses import cross_entropy  # noqa: E402
-from retnet_jax.ops import (  # noqa: E402
-    chunkwise_retention,
-    official_log_decay,
-    parallel_retention,
-    recurrent_retention,
-)
+from retnet_jax import RetNet, RetNetConfig
+from retnet_jax.losses import cross_entropy
+from retnet_jax.ops import chunkwise_retention, official_log_decay, parallel_retention, recurrent_retention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,20 +61,32 @@ def available_bytes() -> int:
 
 def best_times_interleaved(steps: dict, repeats: int) -> dict:
     """Minimum wall time of each zero-argument step over `repeats` rounds, the steps taking turns
-    within each round (after one warm-up round), so a slow spell of a shared machine hits all alike."""
+    within each round, so a slow spell of a shared machine hits all alike.
+
+    Each timed call follows an untimed call of the same step: a step run right after a *different*
+    program is slower (measured: our 2048-token training step took 5.5 s after a torchscale step
+    against 4.3 s after one of its own, while torchscale's was not slowed by ours), so plain
+    alternation would charge one side for the other's after-effects.
+    """
     times = {name: [] for name in steps}
-    for round_ in range(repeats + 1):
+    for _ in range(repeats):
         for name, step in steps.items():
+            jax.block_until_ready(step())
             start = time.perf_counter()
             jax.block_until_ready(step())
-            if round_:
-                times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     return {name: min(t) for name, t in times.items()}
 
 
 def best_time(fn, *args, repeats: int) -> float:
     """Minimum wall time of `repeats` calls after one warm-up (compilation excluded)."""
-    return best_times_interleaved({"fn": lambda: fn(*args)}, repeats)["fn"]
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def matmul_gflops(repeats: int) -> float:
@@ -294,8 +279,6 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--no-torchscale", action="store_true",
                         help="do not time the official PyTorch model beside ours")
-    parser.add_argument("--no-hugepages", action="store_true",
-                        help="do not re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_retention.json")
     args = parser.parse_args(argv)
     if args.quick:

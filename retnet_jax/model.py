@@ -101,7 +101,7 @@ class RetNet(nnx.Module):
 
 # Names the layers give (with `jax.ad_checkpoint.checkpoint_name`) to the activations that
 # remat="projections" keeps for the backward pass.
-SAVED_ACTIVATIONS = ("qk", "vg", "retention", "ffn_in")
+SAVED_ACTIVATIONS = ("projections", "retention", "ffn_in")
 
 
 def remat_layer(layer, remat: str):

@@ -174,7 +174,7 @@ def test_fused_projection_backward_equals_plain_slicing(used):
     weights = jnp.asarray(rng.standard_normal((3, 2, 5, 6)), jnp.float32)
 
     def fused(x, kernel):
-        outs = fused_projection(x, kernel, jnp.float32)
+        outs = fused_projection(x, kernel, dtype=jnp.float32)
         return sum(jnp.sum(outs[i] * weights[i]) for i in used)
 
     def plain(x, kernel):

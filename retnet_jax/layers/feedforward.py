@@ -32,7 +32,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
-        projected = checkpoint_name(fused_projection(x_btd, self.in_proj[...], cfg.dtype), "ffn_in")
+        projected = checkpoint_name(fused_projection(x_btd, self.in_proj[...], dtype=cfg.dtype), "ffn_in")
         hidden = ACTIVATIONS[cfg.activation](projected[0])
         if cfg.ffn == "glu":
             hidden = hidden * projected[1]

@@ -14,8 +14,11 @@ Two measured XLA:CPU effects drive this file (AMD EPYC, jax 0.10.2, float32, [20
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def weight_gradient(x_nd: jax.Array, dy_nf: jax.Array) -> jax.Array:
@@ -25,38 +28,56 @@ def weight_gradient(x_nd: jax.Array, dy_nf: jax.Array) -> jax.Array:
     return jnp.einsum("nd,nf->df", x_nd, dy_nf)
 
 
-@jax.custom_vjp
-def _fused_matmul(x_nd: jax.Array, kernel_dse: jax.Array) -> tuple[jax.Array, ...]:
-    """`(x @ kernel[:, 0, :], ..., x @ kernel[:, S-1, :])`, as one `[N, d] @ [d, S*E]` matmul."""
-    y_nse = jnp.einsum("nd,dse->nse", x_nd, kernel_dse)
-    return tuple(y_nse[:, i] for i in range(y_nse.shape[1]))
+def sequential(first, *then):
+    """`(first, *then)` unchanged, but whatever consumes `then` waits for `first` to be computed.
+
+    XLA:CPU runs independent operations concurrently; two matmuls sharing two cores then split
+    the caches between them. Ordering them keeps each matmul's working set in cache.
+    """
+    if jax.default_backend() != "cpu":
+        return (first, *then)
+    return jax.lax.optimization_barrier((first, *then))
 
 
-def _fused_matmul_fwd(x_nd, kernel_dse):
-    return _fused_matmul(x_nd, kernel_dse), (x_nd, kernel_dse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _split_matmul(x_nd: jax.Array, kernel_df: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """`x @ kernel` (one `[N, d] @ [d, F]` matmul) cut along F into pieces of `widths`."""
+    y_nf = x_nd @ kernel_df
+    return tuple(jnp.split(y_nf, np.cumsum(widths)[:-1], axis=-1)) if len(widths) > 1 else (y_nf,)
 
 
-def _fused_matmul_bwd(residuals, cotangents):
-    x_nd, kernel_dse = residuals
-    d, s, e = kernel_dse.shape
-    dy_nf = cotangents[0] if s == 1 else jnp.concatenate(cotangents, axis=-1)  # [N, S*E], written once
-    dx_nd = jnp.einsum("nf,df->nd", dy_nf, kernel_dse.reshape(d, s * e))
-    return dx_nd, weight_gradient(x_nd, dy_nf).reshape(d, s, e)
+def _split_matmul_fwd(x_nd, kernel_df, widths):
+    return _split_matmul(x_nd, kernel_df, widths), (x_nd, kernel_df)
 
 
-_fused_matmul.defvjp(_fused_matmul_fwd, _fused_matmul_bwd)
+def _split_matmul_bwd(widths, residuals, cotangents):
+    x_nd, kernel_df = residuals
+    dy_nf = cotangents[0] if len(widths) == 1 else jnp.concatenate(cotangents, axis=-1)  # written once
+    dx_nd = jnp.einsum("nf,df->nd", dy_nf, kernel_df)
+    dx_nd, x_nd = sequential(dx_nd, x_nd)
+    return dx_nd, weight_gradient(x_nd, dy_nf)
 
 
-def fused_projection(x_btd: jax.Array, kernel_dse: jax.Array, dtype) -> tuple[jax.Array, ...]:
-    """`x @ kernel[:, s, :]` for every s (S arrays `[B, T, E]`) with a single matmul, in `dtype`."""
+_split_matmul.defvjp(_split_matmul_fwd, _split_matmul_bwd)
+
+
+def fused_projection(x_btd: jax.Array, *kernels: jax.Array, dtype) -> tuple[jax.Array, ...]:
+    """`x @ kernel[:, s, :]` for every kernel `[d, S, E]` (or `[d, E]`) and every s, as one matmul.
+
+    Returns the S outputs `[B, T, E]` of each kernel in order, computed in `dtype`; the kernels are
+    concatenated along their output axis first (a copy of the weights, cheap beside the matmul).
+    """
     batch, length, width = x_btd.shape
-    outs_ne = _fused_matmul(x_btd.astype(dtype).reshape(batch * length, width), kernel_dse.astype(dtype))
+    pieces = [k.reshape(width, -1, k.shape[-1]) for k in kernels]
+    widths = tuple(p.shape[-1] for p in pieces for _ in range(p.shape[1]))
+    kernel_df = jnp.concatenate([p.reshape(width, -1) for p in pieces], axis=-1).astype(dtype)
+    outs_ne = _split_matmul(x_btd.astype(dtype).reshape(batch * length, width), kernel_df, widths)
     return tuple(y_ne.reshape(batch, length, -1) for y_ne in outs_ne)
 
 
 def projection(x_bti: jax.Array, kernel_io: jax.Array, dtype) -> jax.Array:
     """`x @ kernel` (`[B, T, I] @ [I, O]`) in `dtype`, with the fast weight gradient."""
-    (y_bto,) = fused_projection(x_bti, kernel_io[:, None, :], dtype)
+    (y_bto,) = fused_projection(x_bti, kernel_io, dtype=dtype)
     return y_bto
 
 

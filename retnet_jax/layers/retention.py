@@ -48,8 +48,8 @@ class MultiScaleRetention(nnx.Module):
         cfg = self.cfg
         batch, length, _ = x_btd.shape
         heads, dk, dv = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
-        q_btd, k_btd = checkpoint_name(fused_projection(x_btd, self.qk_proj[...], cfg.dtype), "qk")
-        v_bte, gate_bte = checkpoint_name(fused_projection(x_btd, self.vg_proj[...], cfg.dtype), "vg")
+        q_btd, k_btd, v_bte, gate_bte = checkpoint_name(
+            fused_projection(x_btd, self.qk_proj[...], self.vg_proj[...], dtype=cfg.dtype), "projections")
         q_bthk = q_btd.reshape(batch, length, heads, dk)
         k_bthk = (k_btd * dk**-0.5).reshape(batch, length, heads, dk)
         v_bthv = v_bte.reshape(batch, length, heads, dv)
