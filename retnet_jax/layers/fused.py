@@ -1,6 +1,6 @@
 """Dense projections with hand-written backward passes: fewer, faster matmuls on XLA:CPU.
 
-Two measured XLA:CPU effects drive this file (AMD EPYC, jax 0.10.2, float32, [2048, 512] inputs):
+Measured XLA:CPU effects drive this file (AMD EPYC, jax 0.10.2, float32, [2048, 512] inputs):
 
 * A weight gradient `x^T dy` contracts over the long row axis. XLA runs that "transposed-LHS" dot at
   ~70% of a plain matmul's rate (107 vs 155 GFLOP/s); transposing `x` first (a copy the size of the
@@ -10,6 +10,9 @@ Two measured XLA:CPU effects drive this file (AMD EPYC, jax 0.10.2, float32, [20
 * Differentiating the slices of a fused `[N, d] @ [d, S*E]` product builds one zero-padded array per
   output, which XLA then materialised twice (~6% of a training step); the backward here concatenates
   the cotangents once instead.
+* XLA:CPU runs independent operations concurrently, so a layer's `dx` and `dW` matmuls (or two
+  projections of the same input) shared the two cores and their caches. One matmul for several
+  projections, and `dW` ordered after `dx`, made a training step ~5% faster (paired runs).
 """
 
 from __future__ import annotations
