@@ -24,10 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _pinned_on_cpu(x):
+    """`x` (any pytree) behind an `optimization_barrier` on CPU, so XLA neither folds it into its
+    consumers nor starts them before all of it is computed; unchanged on other backends."""
+    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+
+
 def weight_gradient(x_nd: jax.Array, dy_nf: jax.Array) -> jax.Array:
     """`x^T dy` as `[d, f]`, at the plain-matmul rate on CPU (see the module docstring)."""
     if jax.default_backend() == "cpu":
-        return jax.lax.optimization_barrier(x_nd.T) @ dy_nf
+        return _pinned_on_cpu(x_nd.T) @ dy_nf
     return jnp.einsum("nd,nf->df", x_nd, dy_nf)
 
 
@@ -37,9 +43,7 @@ def sequential(first, *then):
     XLA:CPU runs independent operations concurrently; two matmuls sharing two cores then split
     the caches between them. Ordering them keeps each matmul's working set in cache.
     """
-    if jax.default_backend() != "cpu":
-        return (first, *then)
-    return jax.lax.optimization_barrier((first, *then))
+    return _pinned_on_cpu((first, *then))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -98,9 +102,7 @@ def _unembed_bwd(residuals, dlogits_nv):
     dlogits_nv = dlogits_nv.astype(x_nd.dtype)
     dx_nd = jnp.einsum("nv,vd->nd", dlogits_nv, table_vd, preferred_element_type=jnp.float32)
     # [d, V] at the plain-matmul rate, then one transpose of the (small) table gradient.
-    dtable_dv = weight_gradient(x_nd, dlogits_nv)
-    if jax.default_backend() == "cpu":
-        dtable_dv = jax.lax.optimization_barrier(dtable_dv)
+    dtable_dv = _pinned_on_cpu(weight_gradient(x_nd, dlogits_nv))
     return dx_nd.astype(x_nd.dtype), dtable_dv.T.astype(table_vd.dtype)
 
 
