@@ -190,7 +190,7 @@ def test_fused_projection_backward_equals_plain_slicing(used):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_projection_and_unembedding_backward_equal_autodiff_of_the_plain_matmul(dtype):
     """`projection` (`x @ W`) and `unembed` (float32 logits `x @ E^T`) have hand-written VJPs (the
-    weight gradient from a materialised `x^T`); their gradients w.r.t. x and the weight equal those
+    table gradient as `[d, V]`, then transposed); their gradients w.r.t. x and the weight equal those
     of the plain matmul under autodiff. float32 1e-6 (the same products, summed in a different
     order: measured ~1e-7); bfloat16 2e-2 (bf16 inputs and cotangent, 8 mantissa bits)."""
     rng = np.random.default_rng(1)

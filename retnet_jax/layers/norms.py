@@ -1,6 +1,17 @@
-"""Normalisation layers, computed in float32 whatever the activation dtype."""
+"""Normalisation layers, computed in float32 whatever the activation dtype.
+
+The backward passes are written by hand so that every reduction of a product (`sum(dy * x)` over
+the features for the input gradient, over the tokens for the scale gradient) is a contraction
+(`einsum`). Autodiff of the plain formulas gives XLA:CPU a fused multiply-then-reduce, which it ran
+8x (over the features) to 20x (over the tokens) slower than the same sum as a contraction: measured
+on a 2-core Xeon, jax 0.10.2, `[2048, 512]` float32: 2.9 ms and 8.8 ms against 0.37 ms and 0.39 ms,
+about 15% of a RetNet training step in all. The results are the same function (tested against
+autodiff in float64).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +20,110 @@ from flax import nnx
 from retnet_jax.ops.state import accumulation_dtype
 
 
+def _at_least_f32(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _feature_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`sum(a * b, axis=-1, keepdims=True)` as a contraction."""
+    return jnp.einsum("...d,...d->...", a, b)[..., None]
+
+
+def _token_sum(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """`sum(a * b)` (or `sum(a)`) over every axis but the last, as a contraction: `[..., d] -> [d]`."""
+    a2 = a.reshape(-1, a.shape[-1])
+    if b is None:
+        return jnp.einsum("nd,n->d", a2, jnp.ones(a2.shape[0], a2.dtype))
+    return jnp.einsum("nd,nd->d", a2, b.reshape(a2.shape))
+
+
+def _normalise_fwd_impl(x, centre: bool, eps: float):
+    x = x.astype(accumulation_dtype(x.dtype))
+    centred = x - jnp.mean(x, axis=-1, keepdims=True) if centre else x
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    return centred * inv_rms, inv_rms
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def normalise(x: jax.Array, centre: bool, eps: float) -> jax.Array:
+    """`(x - mean) / sqrt(var + eps)` (`centre`, LayerNorm) or `x / sqrt(mean(x**2) + eps)` (RMSNorm)
+    over the last axis, in float32 (at least)."""
+    return _normalise_fwd_impl(x, centre, eps)[0]
+
+
+def _normalise_fwd(x, centre, eps):
+    x_hat, inv_rms = _normalise_fwd_impl(x, centre, eps)
+    return x_hat, (x_hat, inv_rms, jnp.zeros((0,), x.dtype))
+
+
+def _normalise_bwd(centre, eps, residuals, dx_hat):
+    x_hat, inv_rms, like = residuals
+    dx_hat = dx_hat.astype(x_hat.dtype)
+    width = x_hat.shape[-1]
+    along = dx_hat - x_hat * (_feature_dot(dx_hat, x_hat) / width)
+    if centre:
+        along = along - jnp.mean(dx_hat, axis=-1, keepdims=True)
+    return ((inv_rms * along).astype(like.dtype),)
+
+
+normalise.defvjp(_normalise_fwd, _normalise_bwd)
+
+
 def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
     """`x / sqrt(mean(x**2) + eps)` over the last axis, in float32 (at least)."""
-    x = x.astype(accumulation_dtype(x.dtype))
-    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return normalise(x, False, eps)
 
 
 def layer_normalise(x: jax.Array, eps: float) -> jax.Array:
     """`(x - mean) / sqrt(var + eps)` over the last axis, in float32 (at least)."""
-    x = x.astype(accumulation_dtype(x.dtype))
-    centred = x - jnp.mean(x, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    return normalise(x, True, eps)
+
+
+@jax.custom_vjp
+def scale_shift(x_hat: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """`x_hat * scale + bias` in float32 (`scale`, `bias` broadcast over the leading axes of `x_hat`,
+    their shapes being a suffix of its shape), with the parameter gradients as contractions."""
+    acc = _at_least_f32(x_hat.dtype)
+    return x_hat.astype(acc) * scale.astype(acc) + bias.astype(acc)
+
+
+def _scale_shift_fwd(x_hat, scale, bias):
+    return scale_shift(x_hat, scale, bias), (x_hat, scale, bias)
+
+
+def _scale_shift_bwd(residuals, dy):
+    x_hat, scale, bias = residuals
+    dy = dy.astype(_at_least_f32(x_hat.dtype))
+    flat = scale.size
+    dscale = _token_sum(dy.reshape(-1, flat), x_hat.reshape(-1, flat).astype(dy.dtype)).reshape(scale.shape)
+    dbias = _token_sum(dy.reshape(-1, flat)).reshape(bias.shape)
+    dx_hat = (dy * scale.astype(dy.dtype)).astype(x_hat.dtype)
+    return dx_hat, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
+
+
+@jax.custom_vjp
+def scale(x_hat: jax.Array, scale_: jax.Array) -> jax.Array:
+    """`x_hat * scale` in float32 (no bias), with the scale gradient as a contraction."""
+    acc = _at_least_f32(x_hat.dtype)
+    return x_hat.astype(acc) * scale_.astype(acc)
+
+
+def _scale_fwd(x_hat, scale_):
+    return scale(x_hat, scale_), (x_hat, scale_)
+
+
+def _scale_bwd(residuals, dy):
+    x_hat, scale_ = residuals
+    dy = dy.astype(_at_least_f32(x_hat.dtype))
+    flat = scale_.size
+    dscale = _token_sum(dy.reshape(-1, flat), x_hat.reshape(-1, flat).astype(dy.dtype)).reshape(scale_.shape)
+    return (dy * scale_.astype(dy.dtype)).astype(x_hat.dtype), dscale.astype(scale_.dtype)
+
+
+scale.defvjp(_scale_fwd, _scale_bwd)
 
 
 class Norm(nnx.Module):
@@ -36,11 +140,10 @@ class Norm(nnx.Module):
         return cls(cfg.d_model, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        normalise = rms_normalise if self.kind == "rmsnorm" else layer_normalise
-        y = normalise(x, self.eps) * self.scale[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        x_hat = normalise(x, self.kind == "layernorm", self.eps)
+        if self.bias is None:
+            return scale(x_hat, self.scale[...]).astype(self.dtype)
+        return scale_shift(x_hat, self.scale[...], self.bias[...]).astype(self.dtype)
 
 
 class HeadNorm(nnx.Module):
@@ -58,9 +161,7 @@ class HeadNorm(nnx.Module):
 
     def __call__(self, o_bthv: jax.Array) -> jax.Array:
         """`[B, T, H, dv]` -> float32 `[B, T, H, dv]`."""
-        if self.kind == "rmsnorm":
-            return rms_normalise(o_bthv, self.eps)
-        y = layer_normalise(o_bthv, self.eps)
+        y = normalise(o_bthv, self.kind != "rmsnorm", self.eps)
         if self.kind == "groupnorm":
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+            y = scale_shift(y, self.scale[...], self.bias[...])
         return y
