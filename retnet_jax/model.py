@@ -107,8 +107,9 @@ SAVED_ACTIVATIONS = ("projections", "retention", "ffn_in")
 def remat_layer(layer, remat: str):
     """`layer` under `jax.checkpoint` with the policy `RetNetConfig.remat` names.
 
-    Scratch memory of the benchmark's 6-layer, T=2048 training step: 1.39 GB ("none"), 0.51 GB
-    ("projections"), 0.29 GB ("full"); step time on a 2-core CPU: +5% and +13% (paired runs).
+    Scratch memory of the benchmark's 6-layer, T=2048 training step: 1.28 GB ("none"), 0.51 GB
+    ("projections"), 0.27 GB ("full"); step time, paired runs on 2 cores: "projections" +1% (Xeon)
+    to +5% (AMD EPYC), "full" +11% to +13%.
     """
     if remat == "none":
         return layer
