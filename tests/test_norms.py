@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_relative_close, precision
 from flax import nnx
 
-from retnet_jax.layers.norms import HeadNorm, Norm, normalise, scale, scale_shift
+from retnet_jax.layers.norms import HeadNorm, Norm, normalise, scale_shift
 
 
 def plain_normalise(x, centre, eps):
@@ -52,10 +52,10 @@ def test_normalise_gradient_equals_autodiff_of_the_formula(dtype, tol, centre):
 
 
 def test_scale_gradient_equals_autodiff_and_keeps_the_parameter_dtype():
-    """`scale` with a bf16 parameter: gradients in bf16 (the parameter's dtype), values as autodiff."""
+    """`scale_shift` without a bias, with a bf16 parameter: gradients in bf16 (the parameter's dtype), values as autodiff."""
     x, dy, w, _ = _inputs(np.float32, (4, 5, 8))
     w = w[0].astype(jnp.bfloat16)
-    got = jax.grad(lambda x, w: jnp.sum(scale(x, w) * dy), (0, 1))(x, w)
+    got = jax.grad(lambda x, w: jnp.sum(scale_shift(x, w) * dy), (0, 1))(x, w)
     expected = jax.grad(lambda x, w: jnp.sum(x * w.astype(jnp.float32) * dy), (0, 1))(x, w)
     assert got[1].dtype == jnp.bfloat16
     assert_relative_close(got[0], expected[0], 1e-6)

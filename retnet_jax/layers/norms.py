@@ -20,10 +20,6 @@ from flax import nnx
 from retnet_jax.ops.state import accumulation_dtype
 
 
-def _at_least_f32(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _feature_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """`sum(a * b, axis=-1, keepdims=True)` as a contraction."""
     return jnp.einsum("...d,...d->...", a, b)[..., None]
@@ -69,22 +65,13 @@ def _normalise_bwd(centre, eps, residuals, dx_hat):
 normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
-def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
-    """`x / sqrt(mean(x**2) + eps)` over the last axis, in float32 (at least)."""
-    return normalise(x, False, eps)
-
-
-def layer_normalise(x: jax.Array, eps: float) -> jax.Array:
-    """`(x - mean) / sqrt(var + eps)` over the last axis, in float32 (at least)."""
-    return normalise(x, True, eps)
-
-
 @jax.custom_vjp
-def scale_shift(x_hat: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    """`x_hat * scale + bias` in float32 (`scale`, `bias` broadcast over the leading axes of `x_hat`,
-    their shapes being a suffix of its shape), with the parameter gradients as contractions."""
-    acc = _at_least_f32(x_hat.dtype)
-    return x_hat.astype(acc) * scale.astype(acc) + bias.astype(acc)
+def scale_shift(x_hat: jax.Array, scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """`x_hat * scale (+ bias)` in float32 (at least); `scale` and `bias` broadcast over the leading
+    axes of `x_hat` (their shape is a suffix of its shape). Parameter gradients as contractions."""
+    acc = accumulation_dtype(x_hat.dtype)
+    y = x_hat.astype(acc) * scale.astype(acc)
+    return y if bias is None else y + bias.astype(acc)
 
 
 def _scale_shift_fwd(x_hat, scale, bias):
@@ -93,37 +80,15 @@ def _scale_shift_fwd(x_hat, scale, bias):
 
 def _scale_shift_bwd(residuals, dy):
     x_hat, scale, bias = residuals
-    dy = dy.astype(_at_least_f32(x_hat.dtype))
-    flat = scale.size
-    dscale = _token_sum(dy.reshape(-1, flat), x_hat.reshape(-1, flat).astype(dy.dtype)).reshape(scale.shape)
-    dbias = _token_sum(dy.reshape(-1, flat)).reshape(bias.shape)
+    dy = dy.astype(accumulation_dtype(x_hat.dtype))
+    dy_nf = dy.reshape(-1, scale.size)
+    dscale = _token_sum(dy_nf, x_hat.reshape(dy_nf.shape).astype(dy.dtype)).reshape(scale.shape)
+    dbias = None if bias is None else _token_sum(dy_nf).reshape(bias.shape).astype(bias.dtype)
     dx_hat = (dy * scale.astype(dy.dtype)).astype(x_hat.dtype)
-    return dx_hat, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+    return dx_hat, dscale.astype(scale.dtype), dbias
 
 
 scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
-
-
-@jax.custom_vjp
-def scale(x_hat: jax.Array, scale_: jax.Array) -> jax.Array:
-    """`x_hat * scale` in float32 (no bias), with the scale gradient as a contraction."""
-    acc = _at_least_f32(x_hat.dtype)
-    return x_hat.astype(acc) * scale_.astype(acc)
-
-
-def _scale_fwd(x_hat, scale_):
-    return scale(x_hat, scale_), (x_hat, scale_)
-
-
-def _scale_bwd(residuals, dy):
-    x_hat, scale_ = residuals
-    dy = dy.astype(_at_least_f32(x_hat.dtype))
-    flat = scale_.size
-    dscale = _token_sum(dy.reshape(-1, flat), x_hat.reshape(-1, flat).astype(dy.dtype)).reshape(scale_.shape)
-    return (dy * scale_.astype(dy.dtype)).astype(x_hat.dtype), dscale.astype(scale_.dtype)
-
-
-scale.defvjp(_scale_fwd, _scale_bwd)
 
 
 class Norm(nnx.Module):
@@ -141,9 +106,8 @@ class Norm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x_hat = normalise(x, self.kind == "layernorm", self.eps)
-        if self.bias is None:
-            return scale(x_hat, self.scale[...]).astype(self.dtype)
-        return scale_shift(x_hat, self.scale[...], self.bias[...]).astype(self.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        return scale_shift(x_hat, self.scale[...], bias).astype(self.dtype)
 
 
 class HeadNorm(nnx.Module):
