@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retnet_jax.ops.decay import apply_causal_decay, causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.matmul import matmul_nn, matmul_nt, matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_chunk_size, check_qkv, check_state
 
@@ -57,11 +58,9 @@ def chunkwise_retention(
 
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
     mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
-    scores_bhnij = jnp.einsum(
-        "bhnik,bhnjk->bhnij", q_bhnck, k_bhnck, preferred_element_type=acc)
+    scores_bhnij = matmul_nt(q_bhnck, k_bhnck, acc)
     scores_bhnij = apply_causal_decay(scores_bhnij, mask_hij)
-    numerator_bhniv = jnp.einsum(
-        "bhnij,bhnjv->bhniv", scores_bhnij.astype(v_bthv.dtype), v_bhncv, preferred_element_type=acc)
+    numerator_bhniv = matmul_nn(scores_bhnij.astype(v_bthv.dtype), v_bhncv, acc)
     row_sum_bhni = scores_bhnij.sum(-1)
 
     # 2. Each chunk's summary, decayed to its last valid token: gamma**(L-1-j) for j < L, else 0.
@@ -71,7 +70,7 @@ def chunkwise_retention(
         exponent_nj >= 0, jnp.exp(jnp.maximum(exponent_nj, 0).astype(acc) * log_decay_h[:, None, None]),
         0.0)
     k_decayed_bhnjk = k_bhnck.astype(acc) * k_weight_hnj[..., None]
-    chunk_kv_nbhkv = jnp.einsum("bhnjk,bhnjv->nbhkv", k_decayed_bhnjk, v_bhncv.astype(acc))
+    chunk_kv_nbhkv = jnp.moveaxis(matmul_tn(k_decayed_bhnjk, v_bhncv.astype(acc), acc), 2, 0)
     chunk_key_nbhk = jnp.einsum("bhnjk->nbhk", k_decayed_bhnjk)
     chunk_decay_nh = jnp.exp(jnp.asarray(valid_n, acc)[:, None] * log_decay_h)
 
@@ -87,8 +86,7 @@ def chunkwise_retention(
 
     # 4. Read the carried state: row i of a chunk adds gamma**(i+1) q~_i S_prev.
     q_decayed_bhnik = q_bhnck.astype(acc) * decay_powers(j + 1, log_decay_h).T[None, :, None, :, None]
-    numerator_bhniv += jnp.einsum(
-        "bhnik,bhnkv->bhniv", q_decayed_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2))
+    numerator_bhniv += matmul_nn(q_decayed_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2), acc)
     row_sum_bhni += jnp.einsum("bhnik,bhnk->bhni", q_decayed_bhnik, jnp.moveaxis(key_prev_nbhk, 0, 2))
 
     numerator_bthv = jnp.swapaxes(

@@ -1,0 +1,73 @@
+"""The batched matmuls of `retnet_jax.ops.matmul`: the same function and gradients as `jnp.einsum`.
+
+Oracle: autodiff of the equivalent `einsum` (float64: agreement to 1e-12, i.e. rounding of sums of
+~64 products). The hand-written backward passes only change the order of the result dimensions.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retnet_jax.ops.matmul import matmul_nn, matmul_nt, matmul_tn
+
+# name -> (function, equivalent einsum, shape of a, shape of b); batch dims [2, 3].
+CASES = {
+    "nn": (matmul_nn, "bhij,bhjk->bhik", (2, 3, 5, 7), (2, 3, 7, 4)),
+    "nt": (matmul_nt, "bhik,bhjk->bhij", (2, 3, 5, 7), (2, 3, 4, 7)),
+    "tn": (matmul_tn, "bhji,bhjk->bhik", (2, 3, 7, 5), (2, 3, 7, 4)),
+}
+
+
+def _operands(shape_a, shape_b, dtype):
+    ka, kb, kg = jax.random.split(jax.random.key(0), 3)
+    wide = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    return (jax.random.normal(ka, shape_a, wide).astype(dtype),
+            jax.random.normal(kb, shape_b, wide).astype(dtype), kg)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_einsum_and_its_gradients_float64(name):
+    fn, spec, shape_a, shape_b = CASES[name]
+    with jax.enable_x64(True):
+        a, b, kg = _operands(shape_a, shape_b, jnp.float64)
+        out, vjp = jax.vjp(fn, a, b)
+        ref, ref_vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+        chex.assert_trees_all_close(out, ref, atol=1e-12, rtol=1e-12)
+        g = jax.random.normal(kg, out.shape, jnp.float64)
+        for got, want in zip(vjp(g), ref_vjp(g)):
+            chex.assert_shape(got, want.shape)
+            chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bf16_operands_accumulate_in_float32_and_keep_their_dtypes(name):
+    fn, spec, shape_a, shape_b = CASES[name]
+    a, b, kg = _operands(shape_a, shape_b, jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, b: fn(a, b, jnp.float32), a, b)
+    assert out.dtype == jnp.float32
+    ref = jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)  # exact products, float32 sums
+    g = jax.random.normal(kg, out.shape, jnp.float32)
+    ref_grads = jax.vjp(lambda a, b: jnp.einsum(spec, a, b),
+                        a.astype(jnp.float32), b.astype(jnp.float32))[1](g)
+    for got, want, primal in zip(vjp(g), ref_grads, (a, b)):
+        assert got.dtype == primal.dtype
+        # bf16 cotangent (8 bits of mantissa) and a bf16 result: a few bf16 ulps of ~sqrt(7)-sized sums.
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=0.1, rtol=0.05)
+
+
+def test_forward_mode_is_refused_with_a_clear_error_where_backward_passes_are_hand_written():
+    """README, "Differentiation": chunkwise/parallel are reverse-mode only; recurrent is not."""
+    from retnet_jax.ops import chunkwise_retention, official_log_decay, recurrent_retention
+
+    q = jax.random.normal(jax.random.key(0), (1, 8, 2, 4))
+    log_decay_h = official_log_decay(2)
+    chunkwise = lambda q: chunkwise_retention(q, q, q, log_decay_h, chunk_size=4)[0].sum()
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(chunkwise, (q,), (q,))
+    recurrent = lambda q: recurrent_retention(q, q, q, log_decay_h)[0].sum()
+    _, tangent = jax.jvp(recurrent, (q,), (q,))
+    reverse = jnp.vdot(jax.grad(recurrent)(q), q)  # the same directional derivative
+    np.testing.assert_allclose(tangent, reverse, rtol=1e-5)
