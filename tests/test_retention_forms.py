@@ -263,3 +263,35 @@ def test_empty_state_equals_no_state():
     empty = init_state(2, HEADS, KEY_DIM, VALUE_DIM)
     chex.assert_trees_all_equal(run_form("parallel", q, k, v, log_decay_h(), empty),
                                 run_form("parallel", q, k, v, log_decay_h()))
+
+
+@pytest.mark.parametrize("length", [13, 20, 24])
+def test_chunkwise_in_groups_of_chunks_is_the_same_function(monkeypatch, length):
+    """Given groups of 2 chunks of 3 tokens (`GROUP_TOKENS` lowered from 2048 so small inputs take
+    the grouped path: a scan over whole groups, then the remainder, if any), when the chunkwise form
+    continues from a state (rows at positions 3 and 9), then outputs, state and the gradients of
+    sum(o * w) equal the parallel form's (float64, 1e-10 and 1e-8 as above)."""
+    from retnet_jax.ops import chunkwise as chunkwise_module
+
+    monkeypatch.setattr(chunkwise_module, "GROUP_TOKENS", 7)  # -> groups of 2 * 3 = 6 tokens
+    with precision(jnp.float64):
+        q, k, v = random_qkv(11, 2, length, HEADS, KEY_DIM, VALUE_DIM, jnp.float64)
+        pq, pk, pv = random_qkv(12, 2, 9, HEADS, KEY_DIM, VALUE_DIM, jnp.float64)
+        state = concat_states([run_form("parallel", pq[i:i + 1, :n], pk[i:i + 1, :n], pv[i:i + 1, :n],
+                                        log_decay_h())[1] for i, n in enumerate((3, 9))])
+        w = jnp.asarray(np.random.default_rng(1).standard_normal(v.shape))
+        grouped = jax.jit(lambda q, k, v: chunkwise_module.chunkwise_retention(
+            q, k, v, log_decay_h(), state, chunk_size=3))
+        out, new_state = grouped(q, k, v)
+        reference, reference_state = run_form("parallel", q, k, v, log_decay_h(), state)
+        assert_relative_close(out, reference, TOL[jnp.float64])
+        assert_states_close(new_state, reference_state, TOL[jnp.float64])
+
+        def loss(fn):
+            return lambda q, k, v: jnp.sum(fn(q, k, v)[0] * w)
+
+        grads = jax.grad(loss(grouped), argnums=(0, 1, 2))(q, k, v)
+        reference_grads = jax.grad(loss(lambda q, k, v: run_form(
+            "parallel", q, k, v, log_decay_h(), state)), argnums=(0, 1, 2))(q, k, v)
+        for g, g_ref in zip(grads, reference_grads):
+            assert_relative_close(g, g_ref, 1e-8)

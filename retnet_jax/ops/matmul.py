@@ -5,10 +5,12 @@ the output `[..., k, j]` and then transposes it. XLA:CPU kept that transpose and
 strided loop that adds the gradient's two contributions and moves heads back beside the tokens:
 in the chunkwise backward pass of a `[2048, 4 heads]` layer, one such fusion took 5.8 ms for an
 8 MB result. Each backward product here is written with its result dimensions in the order a dot
-produces them (batch, left free, right free), so no transpose follows it.
+produces them (batch, left free, right free), so no transpose follows it. In the benchmark's
+6-layer training step (T=2048, 2-core Xeon, paired runs) that was ~2% of the step.
 
 All three take operands with the same leading (batch) dimensions and accumulate in
-`preferred_element_type` (None: the operands' type).
+`preferred_element_type` (None: the operands' type). Being `jax.custom_vjp` functions, they are
+differentiable in reverse mode only (`jax.jvp` raises a TypeError).
 """
 
 from __future__ import annotations
