@@ -3,11 +3,11 @@
 T is right-padded to a multiple of the chunk size C and cut afterwards. All chunk-local work (the
 intra-chunk parallel form, each chunk's summary `sum_j gamma**(L-1-j) k~_j^T v_j`, and the read-out
 of the carried state) is done as a few large batched einsums over every chunk of a group of
-~`GROUP_TOKENS` tokens at once; a `lax.scan` over the group's chunks only carries the `[B, H, dk, dv]`
-state through cheap elementwise updates, and a `lax.scan` over groups carries it from group to group.
-Groups keep the `[B, H, chunks, C, C]` scores of one group in cache: with all 32 chunks of 16384
-tokens at once (268 MB of scores for 8 heads) the forward pass took 10x the time of 2048 tokens,
-in groups 6.5x (2-core Xeon).
+~`GROUP_TOKENS` tokens at once (on CPU; other backends: every chunk at once); a `lax.scan` over the
+group's chunks only carries the `[B, H, dk, dv]` state through cheap elementwise updates, and a
+`lax.scan` over groups carries it from group to group. Groups keep the `[B, H, chunks, C, C]`
+scores of one group in cache: with all 32 chunks of 16384 tokens at once (268 MB of scores for 8
+heads) the forward pass took 10x the time of 2048 tokens, in groups 6.5x (2-core Xeon).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def _to_chunks(x_bhtd: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
     return x_bhtd.reshape(batch, heads, num_chunks, chunk, width)
 
 
-# Chunks are processed in groups of about this many tokens: all chunks of a group at once (few, large
-# matmuls), the groups one after another (the group's scores stay in cache).
+# On CPU, chunks are processed in groups of about this many tokens: all chunks of a group at once
+# (few, large matmuls), the groups one after another (the group's scores stay in cache). Other
+# backends take all chunks at once, as measured nowhere else yet.
 GROUP_TOKENS = 2048
 
 
@@ -47,7 +48,8 @@ def chunkwise_retention(
 
     Same arguments and results as `parallel_retention` (q, k `[B, T, H, dk]`, v `[B, T, H, dv]`,
     time on axis 1) plus `chunk_size` (any positive int; T need not be a multiple of it). The forward
-    pass holds the scores of one group of chunks (about `GROUP_TOKENS * C`, not O(T**2)) and the
+    pass holds the scores of one group of chunks (on CPU about `GROUP_TOKENS * C`; elsewhere T * C,
+    not O(T**2)) and the
     state each chunk starts from, `(T / C) * H * dk * dv` (small chunks with wide heads trade one for
     the other); differentiating it stores O(T * C). A chunk size of at least T is the parallel form.
     """
@@ -55,7 +57,7 @@ def chunkwise_retention(
     chunk = min(check_chunk_size(chunk_size), length)
     state = check_state(state, batch, heads, key_dim, value_dim, v_bthv.dtype)
     log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
-    group = max(1, GROUP_TOKENS // chunk) * chunk
+    group = max(1, GROUP_TOKENS // chunk) * chunk if jax.default_backend() == "cpu" else length
     if length <= group:
         return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk)
 
