@@ -35,84 +35,52 @@ def _grad_dot(a, b, contract_a: int, contract_b: int, out_dtype):
     return out.astype(out_dtype)
 
 
-def _last(x):
-    return x.ndim - 1
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(a, b, a_contracts_last: bool, b_contracts_first: bool, preferred_element_type):
+    """`[..., i, k]` from `a` (`[..., i, j]`, or `[..., j, i]`) and `b` (`[..., j, k]`, or `[..., k, j]`)."""
+    return _dot(a, b, a.ndim - 2 + a_contracts_last, b.ndim - 1 - b_contracts_first,
+                preferred_element_type)
 
 
-def _first(x):
-    return x.ndim - 2
+def _matmul_fwd(a, b, a_contracts_last, b_contracts_first, preferred_element_type):
+    return _matmul(a, b, a_contracts_last, b_contracts_first, preferred_element_type), (a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_nn(a_ij: jax.Array, b_jk: jax.Array, preferred_element_type=None) -> jax.Array:
-    return _dot(a_ij, b_jk, _last(a_ij), _first(b_jk), preferred_element_type)
+def _matmul_bwd(a_contracts_last, b_contracts_first, preferred_element_type, residuals, g_ik):
+    """Each gradient as a dot whose result order (batch, left free, right free) is its operand's."""
+    a, b = residuals
+    g_i, g_k = g_ik.ndim - 2, g_ik.ndim - 1
+    b_k = b.ndim - 2 + b_contracts_first  # b's free (k) axis
+    a_i = a.ndim - 1 - a_contracts_last  # a's free (i) axis
+    if a_contracts_last:  # a [i, j] = g [i, k] . b over k
+        da = _grad_dot(g_ik, b, g_k, b_k, a.dtype)
+    else:  # a [j, i] = b . g [i, k] over k
+        da = _grad_dot(b, g_ik, b_k, g_k, a.dtype)
+    if b_contracts_first:  # b [j, k] = a . g [i, k] over i
+        db = _grad_dot(a, g_ik, a_i, g_i, b.dtype)
+    else:  # b [k, j] = g [i, k] . a over i
+        db = _grad_dot(g_ik, a, g_i, a_i, b.dtype)
+    return da, db
 
 
-def _nn_fwd(a_ij, b_jk, preferred_element_type):
-    return _matmul_nn(a_ij, b_jk, preferred_element_type), (a_ij, b_jk)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _nn_bwd(preferred_element_type, residuals, g_ik):
-    a_ij, b_jk = residuals
-    da_ij = _grad_dot(g_ik, b_jk, _last(g_ik), _last(b_jk), a_ij.dtype)  # [i,k] [j,k]
-    db_jk = _grad_dot(a_ij, g_ik, _first(a_ij), _first(g_ik), b_jk.dtype)  # [i,j] [i,k]
-    return da_ij, db_jk
-
-
-_matmul_nn.defvjp(_nn_fwd, _nn_bwd)
+def _promoted(a, b):
+    dtype = jnp.result_type(a, b)
+    return a.astype(dtype), b.astype(dtype)
 
 
 def matmul_nn(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
     """`[..., i, j] @ [..., j, k] -> [..., i, k]`. Operands are promoted to a common dtype first."""
-    dtype = jnp.result_type(a, b)
-    return _matmul_nn(a.astype(dtype), b.astype(dtype), preferred_element_type)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_nt(a_ik: jax.Array, b_jk: jax.Array, preferred_element_type=None) -> jax.Array:
-    return _dot(a_ik, b_jk, _last(a_ik), _last(b_jk), preferred_element_type)
-
-
-def _nt_fwd(a_ik, b_jk, preferred_element_type):
-    return _matmul_nt(a_ik, b_jk, preferred_element_type), (a_ik, b_jk)
-
-
-def _nt_bwd(preferred_element_type, residuals, g_ij):
-    a_ik, b_jk = residuals
-    da_ik = _grad_dot(g_ij, b_jk, _last(g_ij), _first(b_jk), a_ik.dtype)  # [i,j] [j,k]
-    db_jk = _grad_dot(g_ij, a_ik, _first(g_ij), _first(a_ik), b_jk.dtype)  # [i,j] [i,k]
-    return da_ik, db_jk
-
-
-_matmul_nt.defvjp(_nt_fwd, _nt_bwd)
+    return _matmul(*_promoted(a, b), True, True, preferred_element_type)
 
 
 def matmul_nt(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
     """`[..., i, k] @ [..., j, k]^T -> [..., i, j]`. Operands are promoted to a common dtype first."""
-    dtype = jnp.result_type(a, b)
-    return _matmul_nt(a.astype(dtype), b.astype(dtype), preferred_element_type)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_tn(a_ji: jax.Array, b_jk: jax.Array, preferred_element_type=None) -> jax.Array:
-    return _dot(a_ji, b_jk, _first(a_ji), _first(b_jk), preferred_element_type)
-
-
-def _tn_fwd(a_ji, b_jk, preferred_element_type):
-    return _matmul_tn(a_ji, b_jk, preferred_element_type), (a_ji, b_jk)
-
-
-def _tn_bwd(preferred_element_type, residuals, g_ik):
-    a_ji, b_jk = residuals
-    da_ji = _grad_dot(b_jk, g_ik, _last(b_jk), _last(g_ik), a_ji.dtype)  # [j,k] [i,k]
-    db_jk = _grad_dot(a_ji, g_ik, _last(a_ji), _first(g_ik), b_jk.dtype)  # [j,i] [i,k]
-    return da_ji, db_jk
-
-
-_matmul_tn.defvjp(_tn_fwd, _tn_bwd)
+    return _matmul(*_promoted(a, b), True, False, preferred_element_type)
 
 
 def matmul_tn(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
     """`[..., j, i]^T @ [..., j, k] -> [..., i, k]`. Operands are promoted to a common dtype first."""
-    dtype = jnp.result_type(a, b)
-    return _matmul_tn(a.astype(dtype), b.astype(dtype), preferred_element_type)
+    return _matmul(*_promoted(a, b), False, True, preferred_element_type)
