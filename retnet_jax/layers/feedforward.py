@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.config import RetNetConfig
+from retnet_jax.layers.activations import activation
 from retnet_jax.layers.fused import fused_projection, projection
 from retnet_jax.layers.initializers import stacked, torch_linear_default
 
-# Exact (erf) gelu, as torch's default.
-ACTIVATIONS = {"gelu": functools.partial(jax.nn.gelu, approximate=False), "swish": jax.nn.swish}
 
 
 class FeedForward(nnx.Module):
@@ -33,7 +30,5 @@ class FeedForward(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
         projected = checkpoint_name(fused_projection(x_btd, self.in_proj[...], dtype=cfg.dtype), "ffn_in")
-        hidden = ACTIVATIONS[cfg.activation](projected[0])
-        if cfg.ffn == "glu":
-            hidden = hidden * projected[1]
+        hidden = activation(cfg.activation, *projected)  # act(x fc1) * (x gate), or act(x fc1)
         return projection(hidden, self.out_proj[...], cfg.dtype)

@@ -8,6 +8,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.layers.activations import activation
 from retnet_jax.layers.fused import fused_projection, projection
 from retnet_jax.layers.initializers import stacked, xavier_uniform
 from retnet_jax.layers.norms import HeadNorm
@@ -72,6 +73,7 @@ class MultiScaleRetention(nnx.Module):
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
 
         o_bthv = checkpoint_name(o_bthv, "retention")
-        o_bte = self.head_norm(o_bthv).reshape(batch, length, cfg.value_dim)
-        gated_bte = (jax.nn.swish(gate_bte.astype(jnp.float32)) * o_bte).astype(cfg.dtype)
-        return projection(gated_bte, self.out_proj[...], cfg.dtype), state
+        # Gated in the heads' layout: the normalised heads are then the very array HeadNorm keeps
+        # for its backward pass, stored once.
+        gated_bthv = activation("swish", gate_bte.reshape(o_bthv.shape), self.head_norm(o_bthv))
+        return projection(gated_bthv.reshape(batch, length, cfg.value_dim), self.out_proj[...], cfg.dtype), state
