@@ -52,23 +52,36 @@ def sequential(first, *then):
     return _pinned_on_cpu((first, *then))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _split_matmul(x_nd: jax.Array, kernel_df: jax.Array, widths: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """`x @ kernel` (one `[N, d] @ [d, F]` matmul) cut along F into pieces of `widths`."""
-    y_nf = x_nd @ kernel_df
+def _kernel_matrix(kernels: tuple[jax.Array, ...], dtype) -> jax.Array:
+    """The kernels `[d, S, E]` (or `[d, E]`) side by side as one `[d, sum S*E]` matrix in `dtype`."""
+    width = kernels[0].shape[0]
+    return jnp.concatenate([k.reshape(width, -1).astype(dtype) for k in kernels], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _split_matmul(x_nd: jax.Array, kernels: tuple[jax.Array, ...], widths: tuple[int, ...], dtype
+                  ) -> tuple[jax.Array, ...]:
+    """`x @ concat(kernels)` (one `[N, d] @ [d, F]` matmul) cut along F into pieces of `widths`."""
+    y_nf = x_nd @ _kernel_matrix(kernels, dtype)
     return tuple(jnp.split(y_nf, np.cumsum(widths)[:-1], axis=-1)) if len(widths) > 1 else (y_nf,)
 
 
-def _split_matmul_fwd(x_nd, kernel_df, widths):
-    return _split_matmul(x_nd, kernel_df, widths), (x_nd, kernel_df)
+def _split_matmul_fwd(x_nd, kernels, widths, dtype):
+    # The kernels are kept as given, not as the concatenated matrix: inside a scanned layer stack
+    # they are slices of the stacked parameters, which the scan hands to the backward pass as they
+    # are; a concatenated or reshaped copy would be written into a stacked [layers, ...] buffer.
+    return _split_matmul(x_nd, kernels, widths, dtype), (x_nd, kernels)
 
 
-def _split_matmul_bwd(widths, residuals, cotangents):
-    x_nd, kernel_df = residuals
+def _split_matmul_bwd(widths, dtype, residuals, cotangents):
+    x_nd, kernels = residuals
     dy_nf = cotangents[0] if len(widths) == 1 else jnp.concatenate(cotangents, axis=-1)  # written once
-    dx_nd = jnp.einsum("nf,df->nd", dy_nf, kernel_df)
+    dx_nd = jnp.einsum("nf,df->nd", dy_nf, _kernel_matrix(kernels, dtype))
     dx_nd, x_nd = sequential(dx_nd, x_nd)
-    return dx_nd, weight_gradient(x_nd, dy_nf)
+    dkernel_df = weight_gradient(x_nd, dy_nf)
+    sizes = [k.size // k.shape[0] for k in kernels]
+    pieces = jnp.split(dkernel_df, np.cumsum(sizes)[:-1], axis=-1) if len(kernels) > 1 else [dkernel_df]
+    return dx_nd, tuple(p.reshape(k.shape).astype(k.dtype) for p, k in zip(pieces, kernels))
 
 
 _split_matmul.defvjp(_split_matmul_fwd, _split_matmul_bwd)
@@ -81,10 +94,9 @@ def fused_projection(x_btd: jax.Array, *kernels: jax.Array, dtype) -> tuple[jax.
     concatenated along their output axis first (a copy of the weights, cheap beside the matmul).
     """
     batch, length, width = x_btd.shape
-    pieces = [k.reshape(width, -1, k.shape[-1]) for k in kernels]
-    widths = tuple(p.shape[-1] for p in pieces for _ in range(p.shape[1]))
-    kernel_df = jnp.concatenate([p.reshape(width, -1) for p in pieces], axis=-1).astype(dtype)
-    outs_ne = _split_matmul(x_btd.astype(dtype).reshape(batch * length, width), kernel_df, widths)
+    widths = tuple(k.shape[-1] for k in kernels for _ in range(k.size // (width * k.shape[-1])))
+    outs_ne = _split_matmul(x_btd.astype(dtype).reshape(batch * length, width), tuple(kernels), widths,
+                            jnp.dtype(dtype))
     return tuple(y_ne.reshape(batch, length, -1) for y_ne in outs_ne)
 
 
