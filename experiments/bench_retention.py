@@ -47,6 +47,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from retnet_jax import RetNet, RetNetConfig  # noqa: E402
@@ -125,6 +126,37 @@ def matmul_gflops(repeats: int) -> float:
         t = best_time(jax.jit(jnp.matmul), a, a, repeats=repeats)
         rates.append(2 * n**3 / t / 1e9)
     return max(rates)
+
+
+# The model line's main products (forward shapes at T=2048): the fused q/k/v/gate projection, the FFN
+# input and output, the logits, and the per-chunk scores of retention (16 = 4 heads x 4 chunks).
+LIBRARY_SHAPES = {
+    "[2048,512]x[512,3072]": ((2048, 512), (512, 3072)),
+    "[2048,1024]x[1024,512]": ((2048, 1024), (1024, 512)),
+    "[2048,512]x[512,8192]": ((2048, 512), (512, 8192)),
+    "[16,512,128]x[16,128,512]": ((16, 512, 128), (16, 128, 512)),
+}
+
+
+def matmul_libraries(repeats: int) -> dict | None:
+    """Float32 GFLOP/s of the model's main matmul shapes in XLA (this JAX) and in torch (its BLAS),
+    measured alternately in this process; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = {}
+    for name, (a_shape, b_shape) in LIBRARY_SHAPES.items():
+        a = jax.random.normal(jax.random.key(1), a_shape, jnp.float32)
+        b = jax.random.normal(jax.random.key(2), b_shape, jnp.float32)
+        flops = 2.0 * np.prod(a_shape) * b_shape[-1]
+        xla = jax.jit(jnp.matmul)
+        ta, tb = torch.from_numpy(np.asarray(a).copy()), torch.from_numpy(np.asarray(b).copy())
+        steps = {"xla": lambda: xla(a, b), "torch": lambda: torch.matmul(ta, tb)}
+        best = best_times_interleaved(steps, max(repeats, 5))
+        rows[name] = {k: flops / t / 1e9 for k, t in best.items()}
+    return rows
 
 
 def form_flops(form: str, length: int, heads: int, dk: int, dv: int, chunk: int,
@@ -322,11 +354,16 @@ def main(argv=None) -> int:
     rows = bench_forms(args.lengths, args.chunk_size, args.repeats)
     print("\nmodel (6 layers, d 512, 4 heads, value 1024, FFN 1024, vocab 8192, chunk 512, batch 1)")
     model_rows, torchscale_rows = bench_model(args.model_lengths, args.repeats, not args.no_torchscale)
+    libraries = None if args.no_torchscale else matmul_libraries(args.repeats)
+    if libraries:
+        print("\nfloat32 matmul GFLOP/s of the model's main shapes, XLA (this JAX) vs torch, alternating")
+        for name, r in libraries.items():
+            print(f"  {name:>28}: XLA {r['xla']:6.1f}  torch {r['torch']:6.1f}  (XLA/torch {r['xla'] / r['torch']:.2f})")
 
     checks = summarise(rows, model_rows, torchscale_rows, rate, args.lengths)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "matmul_gflops": rate, "chunk_size": args.chunk_size, "forms": rows,
-              "model": model_rows, "torchscale": torchscale_rows, "checks": checks}
+              "model": model_rows, "torchscale": torchscale_rows, "matmul_libraries": libraries, "checks": checks}
     args.out.write_text(json.dumps(result, indent=2))
     plot(rows, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
