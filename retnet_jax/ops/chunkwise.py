@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retnet_jax.ops.decay import apply_causal_decay, causal_decay_mask, decay_powers, normalise_rows
-from retnet_jax.ops.matmul import matmul_nn, matmul_nt, matmul_tn
+from retnet_jax.ops.causal_block import causal_block
+from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.matmul import matmul_nn, matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_chunk_size, check_qkv, check_state
 
@@ -59,7 +60,7 @@ def chunkwise_retention(
     log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
     group = max(1, GROUP_TOKENS // chunk) * chunk if jax.default_backend() == "cpu" else length
     if length <= group:
-        return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk)
+        return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, keep_scores=True)
 
     # Whole groups in a scan (one group's scores stay in cache), then the remainder, if any.
     num_groups = length // group
@@ -77,13 +78,17 @@ def chunkwise_retention(
     if num_groups * group < length:
         rest = slice(num_groups * group, length)
         out_rest, state = _chunkwise_group(q_bthk[:, rest], k_bthk[:, rest], v_bthv[:, rest],
-                                           log_decay_h, state, min(chunk, length - num_groups * group))
+                                           log_decay_h, state, min(chunk, length - num_groups * group),
+                                           keep_scores=True)
         out_bthv = jnp.concatenate([out_bthv, out_rest], axis=1)
     return out_bthv, state
 
 
-def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
-    """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums)."""
+def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, keep_scores=False):
+    """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums).
+
+    `keep_scores`: the backward pass reads the chunks' decayed scores stored by the forward pass
+    (one group) rather than recomputing them (groups in a scan; see `ops/causal_block.py`)."""
     batch, length, heads, _ = q_bthk.shape
     value_dim = v_bthv.shape[-1]
     acc = log_decay_h.dtype
@@ -98,10 +103,8 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
 
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
     mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
-    scores_bhnij = matmul_nt(q_bhnck, k_bhnck, acc)
-    scores_bhnij = apply_causal_decay(scores_bhnij, mask_hij)
-    numerator_bhniv = matmul_nn(scores_bhnij.astype(v_bthv.dtype), v_bhncv, acc)
-    row_sum_bhni = scores_bhnij.sum(-1)
+    numerator_bhniv, row_sum_bhni = causal_block(q_bhnck, k_bhnck, v_bhncv, mask_hij, acc,
+                                                 recompute=not keep_scores)
 
     # 2. Each chunk's summary, decayed to its last valid token: gamma**(L-1-j) for j < L, else 0.
     j = jnp.arange(chunk)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops.decay import apply_causal_decay, causal_decay_mask, decay_powers, normalise_rows
-from retnet_jax.ops.matmul import matmul_nn, matmul_nt, matmul_tn
+from retnet_jax.ops.causal_block import causal_block
+from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.matmul import matmul_nn, matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_qkv, check_state
 
@@ -41,10 +42,7 @@ def parallel_retention(
     # Head-major [B, H, T, d]: the einsums below are plain batched matmuls.
     q_bhnk, k_bhmk, v_bhmv = (jnp.swapaxes(x, 1, 2) for x in (q_bthk, k_bthk, v_bthv))
     mask_hnm = causal_decay_mask(length, log_decay_h)
-    scores_bhnm = matmul_nt(q_bhnk, k_bhmk, acc)
-    scores_bhnm = apply_causal_decay(scores_bhnm, mask_hnm)
-    numerator_bhnv = matmul_nn(scores_bhnm.astype(v_bthv.dtype), v_bhmv, acc)
-    row_sum_bhn = scores_bhnm.sum(-1)
+    numerator_bhnv, row_sum_bhn = causal_block(q_bhnk, k_bhmk, v_bhmv, mask_hnm, acc)
 
     # What the state carries in: gamma**(n+1) q~_n S_prev for block-relative row n.
     t = jnp.arange(length)
