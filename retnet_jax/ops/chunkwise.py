@@ -60,7 +60,7 @@ def chunkwise_retention(
     log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
     group = max(1, GROUP_TOKENS // chunk) * chunk if jax.default_backend() == "cpu" else length
     if length <= group:
-        return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, keep_scores=True)
+        return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk)
 
     # Whole groups in a scan (one group's scores stay in cache), then the remainder, if any.
     num_groups = length // group
@@ -78,17 +78,14 @@ def chunkwise_retention(
     if num_groups * group < length:
         rest = slice(num_groups * group, length)
         out_rest, state = _chunkwise_group(q_bthk[:, rest], k_bthk[:, rest], v_bthv[:, rest],
-                                           log_decay_h, state, min(chunk, length - num_groups * group),
-                                           keep_scores=True)
+                                           log_decay_h, state, min(chunk, length - num_groups * group))
         out_bthv = jnp.concatenate([out_bthv, out_rest], axis=1)
     return out_bthv, state
 
 
-def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, keep_scores=False):
-    """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums).
-
-    `keep_scores`: the backward pass reads the chunks' decayed scores stored by the forward pass
-    (one group) rather than recomputing them (groups in a scan; see `ops/causal_block.py`)."""
+def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
+    """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums). The backward
+    pass reads the chunks' decayed scores stored by the forward pass (see `ops/causal_block.py`)."""
     batch, length, heads, _ = q_bthk.shape
     value_dim = v_bthv.shape[-1]
     acc = log_decay_h.dtype
@@ -104,7 +101,7 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, keep_sco
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
     mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
     numerator_bhniv, row_sum_bhni = causal_block(q_bhnck, k_bhnck, v_bhncv, mask_hij, acc,
-                                                 recompute=not keep_scores)
+                                                 recompute=False)
 
     # 2. Each chunk's summary, decayed to its last valid token: gamma**(L-1-j) for j < L, else 0.
     j = jnp.arange(chunk)
