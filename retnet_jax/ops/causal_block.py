@@ -3,8 +3,8 @@
 Used for whole sequences by `parallel_retention` and for each chunk by `chunkwise_retention`. Its
 backward pass can recompute `P` from q and k (one more `[C, dk] x [dk, C]` product per block)
 instead of keeping it. The parallel form recomputes: its `[B, H, T, T]` scores are the bulk of its
-memory (forward+backward at T=8192, B=1, 8 heads: 5.4 s against 6.3 s keeping them, consecutive
-benchmark runs on a 2-core Xeon). The
+memory (forward+backward at T=8192, B=1, 8 heads: 5.4-5.7 s against 6.3 s keeping them, in
+consecutive benchmark runs on a 2-core Xeon). The
 chunkwise form keeps them. Measured there (paired runs, 2-core Xeon): recomputing made the benchmark
 model's training step at T=8192 ~1-2% faster and its scratch 15% smaller (3.43 -> 2.93 GB: inside the
 layer scan, a group scan stores the scores twice), but T=2048 1-2% slower and the plain chunkwise
