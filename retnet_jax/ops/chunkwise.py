@@ -84,8 +84,7 @@ def chunkwise_retention(
 
 
 def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
-    """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums). The backward
-    pass reads the chunks' decayed scores stored by the forward pass (see `ops/causal_block.py`)."""
+    """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums)."""
     batch, length, heads, _ = q_bthk.shape
     value_dim = v_bthv.shape[-1]
     acc = log_decay_h.dtype
@@ -100,8 +99,7 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
 
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
     mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
-    numerator_bhniv, row_sum_bhni = causal_block(q_bhnck, k_bhnck, v_bhncv, mask_hij, acc,
-                                                 recompute=False)
+    numerator_bhniv, row_sum_bhni = causal_block(q_bhnck, k_bhnck, v_bhncv, mask_hij, acc)
 
     # 2. Each chunk's summary, decayed to its last valid token: gamma**(L-1-j) for j < L, else 0.
     j = jnp.arange(chunk)
