@@ -9,7 +9,8 @@ matmul FLOPs each form executes, the masked upper half of each causal block incl
 hardware does); the JSON also gives the useful rate, without those masked products.
 Forward+backward counts 3x forward. When torch and torchscale 0.3.0 are installed, the official
 PyTorch RetNet of the same size is timed in the same run (its chunkwise mode, chunk 512) and the
-model line is given as a ratio to it; `--no-torchscale` skips that.
+model line is given as a ratio to it; `--no-torchscale` skips that. `--matmul-precision highest` makes
+a GPU compute float32 matmuls fully rather than as TF32 (JAX's default there); the JSON records which.
 
 On Linux with glibc the script re-executes itself once with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
 (`--no-hugepages` opts out): XLA:CPU allocates each step's scratch memory (0.85 GB for the 2048-token
@@ -76,10 +77,19 @@ def machine() -> dict:
         huge_pages = None
     return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
             "device": str(jax.devices()[0]), "jax": jax.__version__, "python": platform.python_version(),
-            "transparent_hugepage": huge_pages, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+            "transparent_hugepage": huge_pages, "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+            "matmul_precision": jax.config.jax_default_matmul_precision or "default"}
 
 
 def available_bytes() -> int:
+    """Free memory of the device the benchmark runs on: the accelerator's own where JAX reports it
+    (GPU), else the host's MemAvailable (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
@@ -341,15 +351,20 @@ def main(argv=None) -> int:
                         help="do not time the official PyTorch model beside ours")
     parser.add_argument("--no-hugepages", action="store_true",
                         help="do not re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (Linux, glibc)")
+    parser.add_argument("--matmul-precision", choices=("default", "high", "highest"), default=None,
+                        help="jax_default_matmul_precision for the whole run (default: JAX's own, which "
+                             "computes float32 matmuls fully on CPU and as TF32 on recent GPUs)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_retention.json")
     args = parser.parse_args(argv)
+    if args.matmul_precision is not None:
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.quick:
         args.lengths, args.model_lengths, args.repeats, args.chunk_size = [64, 256], [128], 1, 64
 
     info = machine()
     print(f"machine: {info}")
     rate = matmul_gflops(args.repeats)
-    print(f"float32 matmul rate (this run): {rate:.1f} GFLOP/s\n")
+    print(f"float32 matmul rate (this run, precision {info['matmul_precision']}): {rate:.1f} GFLOP/s\n")
     print(f"retention forms (B=1, H=8, dk=64, dv=128, chunk {args.chunk_size})")
     rows = bench_forms(args.lengths, args.chunk_size, args.repeats)
     print("\nmodel (6 layers, d 512, 4 heads, value 1024, FFN 1024, vocab 8192, chunk 512, batch 1)")

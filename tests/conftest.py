@@ -30,6 +30,12 @@ from retnet_jax.ops import (
 
 FORMS = ("parallel", "chunkwise", "recurrent", "step")
 
+# The suite checks the maths to float32 rounding (1e-5 relative), so float32 matmuls must be float32.
+# XLA:CPU always computes them so; on a GPU, JAX's default precision runs them as TF32 (measured on an
+# H200, jax 0.11.2: 3e-4 relative error on a 512x512 product, and 27 of this suite's tolerance checks
+# fail), and on a TPU as bf16 passes. "highest" asks every backend for full float32.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 # ----------------------------------------------------------------------------------------------
 # Precision

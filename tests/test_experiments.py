@@ -29,6 +29,7 @@ def test_bench_retention_quick_run_writes_every_form_and_the_model_line(tmp_path
     printed = capsys.readouterr().out
     assert "float32 matmul rate" in printed and "chunkwise" in printed
     assert result["matmul_gflops"] > 0 and result["machine"]["backend"]
+    assert result["machine"]["matmul_precision"]  # TF32 or full float32 on a GPU: the JSON says which
     assert {(r["form"], r["T"]) for r in result["forms"]} == {
         (form, t) for form in ("parallel", "chunkwise", "recurrent") for t in (64, 256)}
     assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 for r in result["forms"])
