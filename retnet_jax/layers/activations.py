@@ -22,7 +22,7 @@ from retnet_jax.ops.state import accumulation_dtype
 ACTIVATIONS = ("gelu", "swish")  # gelu: exact (erf), torch's default; swish = silu
 
 
-def _value_and_slope(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def value_and_slope(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`act(x)` and `act'(x)`."""
     if name == "gelu":
         # erf, as torch computes it: XLA:CPU runs its erf 2x faster than the erfc jax.nn.gelu uses
@@ -48,7 +48,7 @@ def activation(name: str, x: jax.Array, gate: jax.Array | None = None) -> jax.Ar
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gated(name: str, x: jax.Array, gate: jax.Array) -> jax.Array:
     acc = jnp.promote_types(accumulation_dtype(x.dtype), gate.dtype)
-    value = _value_and_slope(name, x.astype(acc))[0]
+    value = value_and_slope(name, x.astype(acc))[0]
     return (value * gate.astype(acc)).astype(x.dtype)
 
 
@@ -59,7 +59,7 @@ def _gated_fwd(name, x, gate):
 def _gated_bwd(name, residuals, dy):
     x, gate = residuals
     acc = jnp.promote_types(accumulation_dtype(x.dtype), gate.dtype)
-    value, slope = _value_and_slope(name, x.astype(acc))
+    value, slope = value_and_slope(name, x.astype(acc))
     dy = dy.astype(acc)
     dx = (dy * gate.astype(acc) * slope).astype(x.dtype)
     dgate = dy * value

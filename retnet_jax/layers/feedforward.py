@@ -7,10 +7,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.config import RetNetConfig
-from retnet_jax.layers.activations import activation
-from retnet_jax.layers.fused import fused_projection, projection
+from retnet_jax.layers.fused import fused_projection
+from retnet_jax.layers.gated_projection import gated_projection
 from retnet_jax.layers.initializers import stacked, torch_linear_default
-
 
 
 class FeedForward(nnx.Module):
@@ -30,5 +29,6 @@ class FeedForward(nnx.Module):
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         cfg = self.cfg
         projected = checkpoint_name(fused_projection(x_btd, self.in_proj[...], dtype=cfg.dtype), "ffn_in")
-        hidden = activation(cfg.activation, *projected)  # act(x fc1) * (x gate), or act(x fc1)
-        return projection(hidden, self.out_proj[...], cfg.dtype)
+        x_btf, gate_btf = projected if len(projected) == 2 else (projected[0], None)
+        # fc2(act(x fc1) * (x gate)), or fc2(act(x fc1)); the product is recomputed, not stored.
+        return gated_projection(cfg.activation, x_btf, gate_btf, self.out_proj[...], cfg.dtype)

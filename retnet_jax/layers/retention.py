@@ -8,8 +8,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.config import Mode, RetNetConfig
-from retnet_jax.layers.activations import activation
-from retnet_jax.layers.fused import fused_projection, projection
+from retnet_jax.layers.fused import fused_projection
+from retnet_jax.layers.gated_projection import gated_projection
 from retnet_jax.layers.initializers import stacked, xavier_uniform
 from retnet_jax.layers.norms import HeadNorm
 from retnet_jax.ops import (
@@ -75,5 +75,6 @@ class MultiScaleRetention(nnx.Module):
         o_bthv = checkpoint_name(o_bthv, "retention")
         # Gated in the heads' layout: the normalised heads are then the very array HeadNorm keeps
         # for its backward pass, stored once.
-        gated_bthv = activation("swish", gate_bte.reshape(o_bthv.shape), self.head_norm(o_bthv))
-        return projection(gated_bthv.reshape(batch, length, cfg.value_dim), self.out_proj[...], cfg.dtype), state
+        y_btd = gated_projection("swish", gate_bte.reshape(o_bthv.shape), self.head_norm(o_bthv),
+                                 self.out_proj[...], cfg.dtype)
+        return y_btd, state
