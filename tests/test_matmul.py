@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
-from retnet_jax.ops.matmul import matmul_nn, matmul_nt, matmul_tn
+from retnet_jax.ops.matmul import matmul_nn, matmul_nt, matmul_tn, weighted_matmul_tn
 
 # name -> (function, equivalent einsum, shape of a, shape of b); batch dims [2, 3].
 CASES = {
@@ -71,3 +72,38 @@ def test_forward_mode_is_refused_with_a_clear_error_where_backward_passes_are_ha
     _, tangent = jax.jvp(recurrent, (q,), (q,))
     reverse = jnp.vdot(jax.grad(recurrent)(q), q)  # the same directional derivative
     np.testing.assert_allclose(tangent, reverse, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight_shape", [(3, 7), (2, 3, 7), (7,)], ids=["per-head", "full", "shared"])
+def test_weighted_matmul_tn_matches_einsum_and_its_gradients_float64(weight_shape):
+    """`weighted_matmul_tn(a, w, b)` is `einsum("bhji,bhj,bhjk->bhik")` with w broadcast, and its
+    gradients, the weight's (summed over the broadcast axes) included, are autodiff's (1e-12)."""
+    with jax.enable_x64(True):
+        a, b, kg = _operands((2, 3, 7, 5), (2, 3, 7, 4), jnp.float64)
+        weight = jnp.exp(-jax.random.uniform(jax.random.key(5), weight_shape, jnp.float64))
+
+        def reference(a, w, b):
+            return jnp.einsum("bhji,bhjk->bhik", a * jnp.broadcast_to(w, a.shape[:-1])[..., None], b)
+
+        out, vjp = jax.vjp(weighted_matmul_tn, a, weight, b)
+        ref, ref_vjp = jax.vjp(reference, a, weight, b)
+        chex.assert_trees_all_close(out, ref, atol=1e-12, rtol=1e-12)
+        g = jax.random.normal(kg, out.shape, jnp.float64)
+        for got, want in zip(vjp(g), ref_vjp(g)):
+            chex.assert_shape(got, want.shape)
+            chex.assert_trees_all_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_weighted_matmul_tn_keeps_a_not_its_weighted_copy(capsys):
+    """What the backward pass saves (JAX's own listing): a, the weight and b, nothing a-sized else."""
+    a, b, _ = _operands((2, 3, 7, 5), (2, 3, 7, 4), jnp.float32)
+    print_saved_residuals(
+        lambda a, b: weighted_matmul_tn(a, jnp.full((3, 7), 0.5), b).sum(), a, b)
+    shapes = sorted(line.split()[0] for line in capsys.readouterr().out.strip().splitlines())
+    assert shapes == ["f32[2,3,7,4]", "f32[2,3,7,5]", "f32[3,7]"], shapes
+
+
+def test_weighted_matmul_tn_names_a_weight_that_does_not_broadcast():
+    a, b, _ = _operands((2, 3, 7, 5), (2, 3, 7, 4), jnp.float32)
+    with pytest.raises(ValueError, match="weight must broadcast against a's rows"):
+        weighted_matmul_tn(a, jnp.ones((3, 5)), b)

@@ -18,7 +18,7 @@ import numpy as np
 
 from retnet_jax.ops.causal_block import causal_block
 from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
-from retnet_jax.ops.matmul import matmul_nn, matmul_tn
+from retnet_jax.ops.matmul import matmul_nn, weighted_matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_chunk_size, check_qkv, check_state
 
@@ -107,9 +107,11 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
     k_weight_hnj = jnp.where(
         exponent_nj >= 0, jnp.exp(jnp.maximum(exponent_nj, 0).astype(acc) * log_decay_h[:, None, None]),
         0.0)
-    k_decayed_bhnjk = k_bhnck.astype(acc) * k_weight_hnj[..., None]
-    chunk_kv_nbhkv = jnp.moveaxis(matmul_tn(k_decayed_bhnjk, v_bhncv.astype(acc), acc), 2, 0)
-    chunk_key_nbhk = jnp.einsum("bhnjk->nbhk", k_decayed_bhnjk)
+    # The keys are weighted inside the products, so the backward pass keeps k itself (which the
+    # in-chunk product keeps anyway), not a weighted copy.
+    chunk_kv_nbhkv = jnp.moveaxis(
+        weighted_matmul_tn(k_bhnck.astype(acc), k_weight_hnj, v_bhncv.astype(acc), acc), 2, 0)
+    chunk_key_nbhk = jnp.einsum("bhnjk,hnj->nbhk", k_bhnck.astype(acc), k_weight_hnj)
     chunk_decay_nh = jnp.exp(jnp.asarray(valid_n, acc)[:, None] * log_decay_h)
 
     # 3. Carry the state across chunks; emit the state each chunk starts from.
@@ -122,10 +124,14 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
     (kv_final, key_final), (kv_prev_nbhkv, key_prev_nbhk) = jax.lax.scan(
         carry_state, (state.kv_bhkv, state.key_bhk), (chunk_decay_nh, chunk_kv_nbhkv, chunk_key_nbhk))
 
-    # 4. Read the carried state: row i of a chunk adds gamma**(i+1) q~_i S_prev.
-    q_decayed_bhnik = q_bhnck.astype(acc) * decay_powers(j + 1, log_decay_h).T[None, :, None, :, None]
-    numerator_bhniv += matmul_nn(q_decayed_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2), acc)
-    row_sum_bhni += jnp.einsum("bhnik,bhnk->bhni", q_decayed_bhnik, jnp.moveaxis(key_prev_nbhk, 0, 2))
+    # 4. Read the carried state: row i of a chunk adds gamma**(i+1) q~_i S_prev. The decay scales
+    # the products' rows rather than q, so the backward pass keeps q itself, not a decayed copy.
+    q_bhnik = q_bhnck.astype(acc)
+    row_decay_hi = decay_powers(j + 1, log_decay_h).T
+    numerator_bhniv += row_decay_hi[None, :, None, :, None] * matmul_nn(
+        q_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2), acc)
+    row_sum_bhni += row_decay_hi[None, :, None, :] * jnp.einsum(
+        "bhnik,bhnk->bhni", q_bhnik, jnp.moveaxis(key_prev_nbhk, 0, 2))
 
     numerator_bthv = jnp.swapaxes(
         numerator_bhniv.reshape(batch, heads, num_chunks * chunk, value_dim)[:, :, :length], 1, 2)

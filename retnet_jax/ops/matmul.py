@@ -84,3 +84,52 @@ def matmul_nt(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Ar
 def matmul_tn(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
     """`[..., j, i]^T @ [..., j, k] -> [..., i, k]`. Operands are promoted to a common dtype first."""
     return _matmul(*_promoted(a, b), False, True, preferred_element_type)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum `x` over the axes a broadcast to `x.shape` added or stretched from `shape`."""
+    x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return jnp.sum(x, axis=stretched, keepdims=True)
+
+
+def weighted_matmul_tn(a: jax.Array, weight: jax.Array, b: jax.Array, preferred_element_type=None
+                       ) -> jax.Array:
+    """`(weight[..., j, None] * a[..., j, i])^T @ b[..., j, k] -> [..., i, k]`: `matmul_tn` with the
+    rows of `a` weighted, `weight` broadcasting against `a.shape[:-1]`.
+
+    The backward pass keeps `a`, `weight` and `b`, not the weighted copy of `a` that
+    `matmul_tn(a * weight[..., None], b)` would store. In the chunkwise form `a` is the keys of each
+    chunk, which the in-chunk product keeps anyway, and `weight` their decay to the chunk's end: in the
+    scanned layer stack the weighted copy was another `[B, H, N, C, dk]` array per layer.
+    Operands are promoted to a common dtype first; the weight is applied in that dtype.
+    """
+    a, b = _promoted(a, b)
+    if weight.ndim > a.ndim - 1 or any(
+            w not in (1, n) for w, n in zip(weight.shape[::-1], a.shape[-2::-1])):
+        raise ValueError(f"weight must broadcast against a's rows {a.shape[:-1]}, got {weight.shape}")
+    return _weighted_matmul_tn(a, weight.astype(a.dtype), b, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _weighted_matmul_tn(a, weight, b, preferred_element_type):
+    return _matmul(a * weight[..., None], b, False, True, preferred_element_type)
+
+
+def _weighted_matmul_tn_fwd(a, weight, b, preferred_element_type):
+    return _weighted_matmul_tn(a, weight, b, preferred_element_type), (a, weight, b)
+
+
+def _weighted_matmul_tn_bwd(preferred_element_type, residuals, g_ik):
+    a, weight, b = residuals
+    w = weight[..., None]
+    # d(a * w) [j, i] = b [j, k] . g [i, k] over k; db [j, k] = (a * w) [j, i] . g [i, k] over i, which
+    # is w * (a . g): the weighted copy of `a` is never formed.
+    d_aw = _grad_dot(b, g_ik, b.ndim - 1, g_ik.ndim - 1, a.dtype)
+    db = (w * _grad_dot(a, g_ik, a.ndim - 1, g_ik.ndim - 2, b.dtype)).astype(b.dtype)
+    da = (d_aw * w).astype(a.dtype)
+    d_weight = _sum_to_shape(jnp.sum(d_aw * a, axis=-1), weight.shape).astype(weight.dtype)
+    return da, d_weight, db
+
+
+_weighted_matmul_tn.defvjp(_weighted_matmul_tn_fwd, _weighted_matmul_tn_bwd)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from retnet_jax.ops.causal_block import causal_block
 from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
-from retnet_jax.ops.matmul import matmul_nn, matmul_tn
+from retnet_jax.ops.matmul import matmul_nn, weighted_matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_qkv, check_state
 
@@ -46,22 +46,25 @@ def parallel_retention(
 
     # What the state carries in: gamma**(n+1) q~_n S_prev for block-relative row n.
     t = jnp.arange(length)
-    q_decayed_bhnk = q_bhnk.astype(acc) * decay_powers(t + 1, log_decay_h).T[None, :, :, None]
+    # (The decay scales the products' rows, not q: the backward pass then keeps q, not a copy.)
+    row_decay_hn = decay_powers(t + 1, log_decay_h).T
+    q_bhnk32 = q_bhnk.astype(acc)
     numerator_bnhv = jnp.swapaxes(
-        numerator_bhnv + matmul_nn(q_decayed_bhnk, state.kv_bhkv, acc), 1, 2)
+        numerator_bhnv + row_decay_hn[None, :, :, None] * matmul_nn(q_bhnk32, state.kv_bhkv, acc), 1, 2)
     row_sum_bnh = jnp.swapaxes(
-        row_sum_bhn + jnp.einsum("bhnk,bhk->bhn", q_decayed_bhnk, state.key_bhk), 1, 2)
+        row_sum_bhn + row_decay_hn[None] * jnp.einsum("bhnk,bhk->bhn", q_bhnk32, state.key_bhk), 1, 2)
 
     position_bt = state.position_b[:, None] + t[None, :]
     out_bnhv = normalise_rows(numerator_bnhv, row_sum_bnh, position_bt, log_decay_h)
 
     # Fold the block into the state: S_T = gamma**T S_0 + sum_m gamma**(T-1-m) k~_m^T v_m.
-    k_decayed_bhmk = k_bhmk.astype(acc) * decay_powers(length - 1 - t, log_decay_h).T[None, :, :, None]
+    k_weight_hm = decay_powers(length - 1 - t, log_decay_h).T
+    k_bhmk32 = k_bhmk.astype(acc)
     carry_h = jnp.exp(length * log_decay_h)
     new_state = RetentionState(
         kv_bhkv=carry_h[:, None, None] * state.kv_bhkv
-        + matmul_tn(k_decayed_bhmk, v_bhmv.astype(acc), acc),
-        key_bhk=carry_h[:, None] * state.key_bhk + k_decayed_bhmk.sum(2),
+        + weighted_matmul_tn(k_bhmk32, k_weight_hm, v_bhmv.astype(acc), acc),
+        key_bhk=carry_h[:, None] * state.key_bhk + jnp.einsum("bhmk,hm->bhk", k_bhmk32, k_weight_hm),
         position_b=state.position_b + length,
     )
     return out_bnhv.astype(v_bthv.dtype), new_state
