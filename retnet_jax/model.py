@@ -107,8 +107,8 @@ SAVED_ACTIVATIONS = ("projections", "retention", "ffn_in")
 def remat_layer(layer, remat: str):
     """`layer` under `jax.checkpoint` with the policy `RetNetConfig.remat` names.
 
-    Scratch memory of the benchmark's 6-layer, T=2048 training step: 0.68 GB ("none"), 0.50 GB
-    ("projections"), 0.25 GB ("full"); step time, paired runs on a 2-core Xeon: "projections" +5%,
+    Scratch memory of the benchmark's 6-layer, T=2048 training step: 0.68 GB ("none"), 0.49 GB
+    ("projections"), 0.24 GB ("full"); step time, paired runs on a 2-core Xeon: "projections" +5%,
     "full" +20%.
     """
     if remat == "none":

@@ -3,9 +3,9 @@ product instead of storing it, is the same function as the composition it replac
 of the textbook formula.
 
 Oracles:
-- the composition `projection(activation(name, x, gate), W, dtype)`: the same operations in the same
-  order, so equal to float32 rounding of the reordered weight-gradient sum (tolerance 1e-6, measured
-  ~1e-7), and bit-equal values;
+- the composition `projection(activation(name, x, gate), W, dtype)`: the same operations, so the
+  values are bit-equal; the gradients agree to 1e-6 in float32 (measured: bit-equal but for the weight
+  gradient, ~6e-8, which XLA fuses differently) and to one bf16 ulp (2**-8) in bf16 (measured: equal);
 - autodiff of `(jax.nn.gelu(x, approximate=False) or jax.nn.swish(x)) * gate @ W` in float64
   (tolerance 1e-12: both sides are float64 rounding apart).
 """
@@ -41,12 +41,16 @@ def _loss(fn, dy):
 
 @pytest.mark.parametrize("name", ["gelu", "swish"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)], ids=["float32", "bfloat16"])
-def test_equals_the_composition_of_activation_and_projection(name, gated, dtype, tol):
-    """Values and all three gradients equal those of `projection(activation(...))` (bf16: 2e-2,
-    8 mantissa bits, the two summing the weight gradient in different orders)."""
+@pytest.mark.parametrize("dtype, gate_dtype, tol", [
+    (jnp.float32, jnp.float32, 1e-6),
+    (jnp.bfloat16, jnp.bfloat16, 2**-8),
+    (jnp.bfloat16, jnp.float32, 2**-8),  # retention in a bf16 model: bf16 x, float32 normalised heads
+], ids=["float32", "bfloat16", "bf16-x-float32-gate"])
+def test_equals_the_composition_of_activation_and_projection(name, gated, dtype, gate_dtype, tol):
+    """Values and all three gradients equal those of `projection(activation(...))`."""
     x, gate, kernel, dy = _inputs(dtype)
-    gate = gate if gated else None
+    gate = gate.astype(gate_dtype) if gated else None
+    kernel = kernel.astype(jnp.float32) if gate_dtype == jnp.float32 else kernel  # float32 parameters
 
     def ours(x, gate, kernel):
         return gated_projection(name, x, gate, kernel, dtype)
@@ -61,25 +65,28 @@ def test_equals_the_composition_of_activation_and_projection(name, gated, dtype,
     argnums = (0, 1, 2) if gated else (0, 2)
     grads = jax.jit(jax.grad(_loss(ours, dy), argnums))(x, gate, kernel)
     expected_grads = jax.jit(jax.grad(_loss(composed, dy), argnums))(x, gate, kernel)
-    for g, e in zip(grads, expected_grads):
-        assert g.dtype == e.dtype == dtype
+    for g, e, primal in zip(grads, expected_grads, [p for p in (x, gate, kernel) if p is not None]):
+        assert g.dtype == e.dtype == primal.dtype
         assert_relative_close(g.astype(jnp.float32), e.astype(jnp.float32), tol)
 
 
 @pytest.mark.parametrize("name", ["gelu", "swish"])
-def test_gradients_equal_autodiff_of_the_formula_in_float64(name):
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_gradients_equal_autodiff_of_the_formula_in_float64(name, gated):
     with precision(np.float64):
         x, gate, kernel, dy = _inputs(np.float64)
+        gate = gate if gated else None
 
         def ours(x, gate, kernel):
             return gated_projection(name, x, gate, kernel, jnp.float64)
 
         def formula(x, gate, kernel):
-            return (PLAIN[name](x) * gate).reshape(*x.shape[:2], -1) @ kernel
+            return (PLAIN[name](x) * (1.0 if gate is None else gate)).reshape(*x.shape[:2], -1) @ kernel
 
+        argnums = (0, 1, 2) if gated else (0, 2)
         assert_relative_close(ours(x, gate, kernel), formula(x, gate, kernel), 1e-12)
-        for g, e in zip(jax.grad(_loss(ours, dy), (0, 1, 2))(x, gate, kernel),
-                        jax.grad(_loss(formula, dy), (0, 1, 2))(x, gate, kernel)):
+        for g, e in zip(jax.grad(_loss(ours, dy), argnums)(x, gate, kernel),
+                        jax.grad(_loss(formula, dy), argnums)(x, gate, kernel)):
             assert_relative_close(g, e, 1e-12)
 
 

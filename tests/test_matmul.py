@@ -74,7 +74,8 @@ def test_forward_mode_is_refused_with_a_clear_error_where_backward_passes_are_ha
     np.testing.assert_allclose(tangent, reverse, rtol=1e-5)
 
 
-@pytest.mark.parametrize("weight_shape", [(3, 7), (2, 3, 7), (7,)], ids=["per-head", "full", "shared"])
+@pytest.mark.parametrize("weight_shape", [(3, 7), (2, 3, 7), (7,), (1, 7), (3, 1), (2, 1, 7), ()],
+                         ids=["per-head", "full", "shared", "stretched-head", "per-head-only", "per-batch", "scalar"])
 def test_weighted_matmul_tn_matches_einsum_and_its_gradients_float64(weight_shape):
     """`weighted_matmul_tn(a, w, b)` is `einsum("bhji,bhj,bhjk->bhik")` with w broadcast, and its
     gradients, the weight's (summed over the broadcast axes) included, are autodiff's (1e-12)."""

@@ -107,8 +107,8 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
     k_weight_hnj = jnp.where(
         exponent_nj >= 0, jnp.exp(jnp.maximum(exponent_nj, 0).astype(acc) * log_decay_h[:, None, None]),
         0.0)
-    # The keys are weighted inside the products, so the backward pass keeps k itself (which the
-    # in-chunk product keeps anyway), not a weighted copy.
+    # The keys are weighted inside the products, so the backward pass keeps k (in float32, the very
+    # array the in-chunk product keeps; in bf16 a float32 copy, as the weighted copy was before).
     chunk_kv_nbhkv = jnp.moveaxis(
         weighted_matmul_tn(k_bhnck.astype(acc), k_weight_hnj, v_bhncv.astype(acc), acc), 2, 0)
     chunk_key_nbhk = jnp.einsum("bhnjk,hnj->nbhk", k_bhnck.astype(acc), k_weight_hnj)
@@ -125,7 +125,8 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
         carry_state, (state.kv_bhkv, state.key_bhk), (chunk_decay_nh, chunk_kv_nbhkv, chunk_key_nbhk))
 
     # 4. Read the carried state: row i of a chunk adds gamma**(i+1) q~_i S_prev. The decay scales
-    # the products' rows rather than q, so the backward pass keeps q itself, not a decayed copy.
+    # the products' rows rather than q, so the backward pass keeps q (itself in float32; in bf16 a
+    # float32 copy, as the decayed copy was before), not a decayed copy beside it.
     q_bhnik = q_bhnck.astype(acc)
     row_decay_hi = decay_powers(j + 1, log_decay_h).T
     numerator_bhniv += row_decay_hi[None, :, None, :, None] * matmul_nn(

@@ -46,7 +46,7 @@ def parallel_retention(
 
     # What the state carries in: gamma**(n+1) q~_n S_prev for block-relative row n.
     t = jnp.arange(length)
-    # (The decay scales the products' rows, not q: the backward pass then keeps q, not a copy.)
+    # (The decay scales the products' rows, not q: in float32 the backward pass then keeps q itself.)
     row_decay_hn = decay_powers(t + 1, log_decay_h).T
     q_bhnk32 = q_bhnk.astype(acc)
     numerator_bnhv = jnp.swapaxes(
