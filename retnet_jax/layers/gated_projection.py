@@ -65,12 +65,12 @@ def _gated_projection_fwd(name, dtype, x, gate, kernel_io):
 
 def _gated_projection_bwd(name, dtype, residuals, dy_bto):
     x, gate, kernel_io = residuals
-    dy_no = dy_bto.reshape(x.shape[0] * x.shape[1], -1).astype(dtype)
-    dh_ni = jnp.einsum("no,io->ni", dy_no, kernel_io.astype(dtype))
-    # dW after dh, so the two matmuls do not share the cores; the elementwise pass after dh too, so
-    # its float32 temporaries are not alive during it.
-    dh_ni, x, gate = sequential(dh_ni, x, gate)
+    # The elementwise pass is free to run beside the dh matmul (pinning it after dh, so that its
+    # float32 temporaries are not alive during the matmul, was ~3% slower in a paired run).
     h_ni, value, slope = _hidden(name, x, gate)
+    dy_no = dy_bto.reshape(h_ni.shape[0], -1).astype(dtype)
+    dh_ni = jnp.einsum("no,io->ni", dy_no, kernel_io.astype(dtype))
+    dh_ni, h_ni = sequential(dh_ni, h_ni)  # dW after dh: the two matmuls do not share the cores
     dkernel_io = weight_gradient(h_ni.astype(dtype), dy_no).astype(kernel_io.dtype)
     dh = dh_ni.astype(x.dtype).reshape(x.shape).astype(value.dtype)  # as projection hands it back
     dx = (dh * gate.astype(value.dtype) * slope).astype(x.dtype)
