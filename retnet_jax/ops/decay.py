@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retnet_jax.ops.broadcast import sum_to_shape
+
 
 def official_log_decay(num_heads: int) -> np.ndarray:
     """torchscale 0.3.0: `gamma_h = 1 - 2**(-5 - h)`, returned as `log(gamma_h)`, float32 `[H]`."""
@@ -60,13 +62,6 @@ def _causal(scores_nm: jax.Array) -> jax.Array:
     return idx[:, None] >= idx[None, :]
 
 
-def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sum `x` over the axes a broadcast to `x.shape` added or stretched from `shape`."""
-    x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return jnp.sum(x, axis=stretched, keepdims=True)
-
-
 @jax.custom_vjp
 def apply_causal_decay(scores_nm: jax.Array, decay_mask_nm: jax.Array) -> jax.Array:
     """`scores * D` (masks broadcast on the leading axes), future entries set to exactly 0.
@@ -97,7 +92,7 @@ def _apply_causal_decay_bwd(residuals, g_nm):
     d_scores = jnp.where(causal, g_nm * mask, 0.0).astype(like.dtype)
     d_mask = None
     if scores is not None:
-        d_mask = _sum_to_shape(jnp.where(causal, g_nm * scores, 0.0), mask.shape).astype(mask.dtype)
+        d_mask = sum_to_shape(jnp.where(causal, g_nm * scores, 0.0), mask.shape).astype(mask.dtype)
     return d_scores, d_mask
 
 

@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from retnet_jax.ops.broadcast import sum_to_shape
+
 
 def _dot(a, b, contract_a: int, contract_b: int, out_dtype):
     """`dot_general` over the shared leading batch dimensions of `a` and `b` (both rank >= 2)."""
@@ -86,13 +88,6 @@ def matmul_tn(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Ar
     return _matmul(*_promoted(a, b), False, True, preferred_element_type)
 
 
-def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sum `x` over the axes a broadcast to `x.shape` added or stretched from `shape`."""
-    x = jnp.sum(x, axis=tuple(range(x.ndim - len(shape))))
-    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-    return jnp.sum(x, axis=stretched, keepdims=True)
-
-
 def weighted_matmul_tn(a: jax.Array, weight: jax.Array, b: jax.Array, preferred_element_type=None
                        ) -> jax.Array:
     """`(weight[..., j, None] * a[..., j, i])^T @ b[..., j, k] -> [..., i, k]`: `matmul_tn` with the
@@ -128,7 +123,7 @@ def _weighted_matmul_tn_bwd(preferred_element_type, residuals, g_ik):
     d_aw = _grad_dot(b, g_ik, b.ndim - 1, g_ik.ndim - 1, a.dtype)
     db = (w * _grad_dot(a, g_ik, a.ndim - 1, g_ik.ndim - 2, b.dtype)).astype(b.dtype)
     da = (d_aw * w).astype(a.dtype)
-    d_weight = _sum_to_shape(jnp.sum(d_aw * a, axis=-1), weight.shape).astype(weight.dtype)
+    d_weight = sum_to_shape(jnp.sum(d_aw * a, axis=-1), weight.shape).astype(weight.dtype)
     return da, d_weight, db
 
 
