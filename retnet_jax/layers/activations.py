@@ -59,11 +59,16 @@ def _gated_fwd(name, x, gate):
 def _gated_bwd(name, residuals, dy):
     x, gate = residuals
     acc = jnp.promote_types(accumulation_dtype(x.dtype), gate.dtype)
-    value, slope = value_and_slope(name, x.astype(acc))
-    dy = dy.astype(acc)
-    dx = (dy * gate.astype(acc) * slope).astype(x.dtype)
+    return gate_cotangents(x, gate, *value_and_slope(name, x.astype(acc)), dy)
+
+
+def gate_cotangents(x, gate, value, slope, dy) -> tuple[jax.Array, jax.Array]:
+    """`(dx, dgate)` of `act(x) * gate` for the cotangent `dy`, given `act(x)` and `act'(x)` in the
+    accumulation dtype; `gate` may be the scalar stand-in for "no gate" (its cotangent is then summed)."""
+    dy = dy.astype(value.dtype)
+    dx = (dy * gate.astype(value.dtype) * slope).astype(x.dtype)
     dgate = dy * value
-    if gate.shape != dy.shape:  # the scalar stand-in for "no gate"
+    if gate.shape != dy.shape:
         dgate = jnp.sum(dgate).reshape(gate.shape)
     return dx, dgate.astype(gate.dtype)
 

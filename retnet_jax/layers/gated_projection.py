@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.layers.activations import ACTIVATIONS, value_and_slope
+from retnet_jax.layers.activations import ACTIVATIONS, gate_cotangents, value_and_slope
 from retnet_jax.layers.fused import sequential, weight_gradient
 from retnet_jax.ops.state import accumulation_dtype
 
@@ -72,12 +72,8 @@ def _gated_projection_bwd(name, dtype, residuals, dy_bto):
     dh_ni = jnp.einsum("no,io->ni", dy_no, kernel_io.astype(dtype))
     dh_ni, h_ni = sequential(dh_ni, h_ni)  # dW after dh: the two matmuls do not share the cores
     dkernel_io = weight_gradient(h_ni.astype(dtype), dy_no).astype(kernel_io.dtype)
-    dh = dh_ni.astype(x.dtype).reshape(x.shape).astype(value.dtype)  # as projection hands it back
-    dx = (dh * gate.astype(value.dtype) * slope).astype(x.dtype)
-    dgate = dh * value
-    if gate.shape != x.shape:  # the scalar stand-in for "no gate"
-        dgate = jnp.sum(dgate).reshape(gate.shape)
-    return dx, dgate.astype(gate.dtype), dkernel_io
+    dh = dh_ni.astype(x.dtype).reshape(x.shape)  # in x's dtype, as projection hands it back
+    return (*gate_cotangents(x, gate, value, slope, dh), dkernel_io)
 
 
 _gated_projection.defvjp(_gated_projection_fwd, _gated_projection_bwd)

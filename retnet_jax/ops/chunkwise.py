@@ -109,9 +109,9 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
         0.0)
     # The keys are weighted inside the products, so the backward pass keeps k (in float32, the very
     # array the in-chunk product keeps; in bf16 a float32 copy, as the weighted copy was before).
-    chunk_kv_nbhkv = jnp.moveaxis(
-        weighted_matmul_tn(k_bhnck.astype(acc), k_weight_hnj, v_bhncv.astype(acc), acc), 2, 0)
-    chunk_key_nbhk = jnp.einsum("bhnjk,hnj->nbhk", k_bhnck.astype(acc), k_weight_hnj)
+    k_bhnjk = k_bhnck.astype(acc)
+    chunk_kv_nbhkv = jnp.moveaxis(weighted_matmul_tn(k_bhnjk, k_weight_hnj, v_bhncv.astype(acc), acc), 2, 0)
+    chunk_key_nbhk = jnp.einsum("bhnjk,hnj->nbhk", k_bhnjk, k_weight_hnj)
     chunk_decay_nh = jnp.exp(jnp.asarray(valid_n, acc)[:, None] * log_decay_h)
 
     # 3. Carry the state across chunks; emit the state each chunk starts from.
