@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_relative_close, assert_states_close, random_tokens, relative_error
+from conftest import (assert_relative_close, assert_states_close, jit_model, random_tokens,
+                      relative_error)
 from flax import nnx
 
 from retnet_jax import RetNet, RetNetConfig
@@ -40,6 +41,20 @@ def test_modes_give_the_parallel_logits(mode, tiny_apply, tokens):
     logits, _ = tiny_apply(tokens, mode=mode, chunk_size=CHUNK)
     reference, _ = tiny_apply(tokens, mode="parallel", chunk_size=CHUNK)
     assert_relative_close(logits, reference, TOL32)
+
+
+@pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
+def test_modes_agree_at_the_backends_default_matmul_precision(mode, tiny_model, tokens):
+    """Given JAX's own default matmul precision (what users get; this suite otherwise asks for
+    "highest"), then the modes still agree to 1e-2. On a GPU that default is TF32, which rounds
+    matmul inputs to 10 mantissa bits (unit roundoff 4.9e-4): the tiny preset's modes measured
+    8.5e-4 (chunkwise) and 1.1e-3 (recurrent) apart on an H200, so 1e-2 leaves ~10x room while a
+    wrong decay or normaliser is off by O(1). On a CPU the default is full float32 anyway."""
+    with jax.default_matmul_precision("default"):
+        apply = jit_model(tiny_model)  # traced under this precision
+        logits, _ = apply(tokens, mode=mode, chunk_size=CHUNK)
+        reference, _ = apply(tokens, mode="parallel", chunk_size=CHUNK)
+    assert_relative_close(logits, reference, 1e-2)
 
 
 @pytest.mark.parametrize("prefill_mode", ["parallel", "chunkwise"])
@@ -221,8 +236,9 @@ def test_projection_and_unembedding_backward_equal_autodiff_of_the_plain_matmul(
 def test_rematerialisation_changes_memory_not_results(tiny_cfg, tokens, remat):
     """Given the tiny preset with `remat="projections"` or `"full"` (the blocks recompute part or
     all of their forward pass in the backward pass), then the loss and every parameter gradient
-    equal those of `remat="none"` with the same weights (float32, 1e-6: the same operations,
-    measured <= 1e-7), in chunkwise mode."""
+    equal those of `remat="none"` with the same weights, in chunkwise mode (float32, 1e-5: the same
+    operations, but the recomputed forward pass is a different program that a compiler may fuse and
+    sum in another order; measured <= 1e-7 on XLA:CPU and 1.8e-6 on an H200)."""
     targets = jnp.asarray(np.random.default_rng(2).integers(0, tiny_cfg.vocab_size, (2, LENGTH)))
 
     def loss_and_grads(cfg):
@@ -236,9 +252,9 @@ def test_rematerialisation_changes_memory_not_results(tiny_cfg, tokens, remat):
 
     (loss_ref, grads_ref), (loss_remat, grads_remat) = (
         loss_and_grads(tiny_cfg.replace(remat=r)) for r in ("none", remat))
-    assert_relative_close(loss_remat, loss_ref, 1e-6)
+    assert_relative_close(loss_remat, loss_ref, 1e-5)
     for g, e in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads_ref)):
-        assert_relative_close(g, e, 1e-6)
+        assert_relative_close(g, e, 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

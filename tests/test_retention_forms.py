@@ -258,11 +258,16 @@ def test_output_keeps_v_dtype_and_state_accumulates_in_at_least_float32(form, dt
 
 def test_empty_state_equals_no_state():
     """Given `init_state(...)` (nothing retained, position 0), when a form continues from it, then
-    the result is bit-identical to passing `state=None`."""
+    the result equals passing `state=None`: position counts exactly, values to 1e-6 (float32).
+
+    The state's terms are exact zeros, so only the compiler's summation order can differ between the
+    two programs: bit-identical on XLA:CPU, one float32 ulp apart (2.4e-7) on an H200."""
     q, k, v = random_qkv(2, 2, 6, HEADS, KEY_DIM, VALUE_DIM)
     empty = init_state(2, HEADS, KEY_DIM, VALUE_DIM)
-    chex.assert_trees_all_equal(run_form("parallel", q, k, v, log_decay_h(), empty),
-                                run_form("parallel", q, k, v, log_decay_h()))
+    out_empty, state_empty = run_form("parallel", q, k, v, log_decay_h(), empty)
+    out_none, state_none = run_form("parallel", q, k, v, log_decay_h())
+    assert_relative_close(out_empty, out_none, 1e-6)
+    assert_states_close(state_empty, state_none, 1e-6)
 
 
 @pytest.mark.parametrize("length", [13, 20, 24])
