@@ -13,7 +13,7 @@ model line is given as a ratio to it; `--no-torchscale` skips that. `--matmul-pr
 a GPU compute float32 matmuls fully rather than as TF32 (JAX's default there); the JSON records which.
 
 On Linux with glibc the script re-executes itself once with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(`--no-hugepages` opts out): XLA:CPU allocates each step's scratch memory (0.68 GB for the 2048-token
+(`--no-hugepages` opts out): XLA:CPU allocates each step's scratch memory (0.67 GB for the 2048-token
 model step) afresh, and with transparent huge pages in "madvise" mode the kernel faults it in 4 KiB
 at a time: 330,000 page faults and ~12% of the step's CPU time, 6,000 faults with the tunable
 (2-core Xeon, measured when that scratch was 1.3 GB). Both models share the process, so the torchscale line runs under the same setting;

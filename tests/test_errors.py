@@ -238,6 +238,15 @@ def test_model_state_of_another_batch_size_is_rejected(tiny_model):
         tiny_model(jnp.zeros((2, 1), jnp.int32), mode="recurrent", state=tiny_model.init_state(3))
 
 
+def test_model_state_whose_layers_disagree_on_position_is_rejected(tiny_model):
+    """The model reads each sequence's position once for all layers, so a state whose layers are at
+    different positions (never one a RetNet call returns) is refused, naming state.position_b."""
+    state = tiny_model.init_state(2)
+    state = state._replace(position_b=state.position_b.at[1, 0].set(3))
+    with pytest.raises(ValueError, match=r"^state\.position_b must hold the same positions for every layer"):
+        tiny_model(jnp.zeros((2, 1), jnp.int32), mode="recurrent", state=state)
+
+
 def test_numpy_integer_chunk_size_is_accepted(qkv, log_decay_h):
     """A numpy integer (e.g. from a config array) is a valid chunk size, like a Python int."""
     q, k, v = qkv
