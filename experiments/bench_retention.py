@@ -109,9 +109,9 @@ def available_bytes() -> int:
         return 1 << 62
 
 
-def best_times_interleaved(steps: dict, repeats: int) -> dict:
-    """Minimum wall time of each zero-argument step over `repeats` rounds, the steps taking turns
-    within each round, so a slow spell of a shared machine hits all alike.
+def interleaved_times(steps: dict, rounds: int) -> dict:
+    """Wall time of each zero-argument step in each of `rounds` rounds, the steps taking turns within
+    a round, so a slow spell of a shared machine hits all alike: `{name: [seconds per round]}`.
 
     Each timed call follows an untimed call of the same step: a step run right after a *different*
     program is slower (measured: our 2048-token training step took 5.5 s after a torchscale step
@@ -119,13 +119,27 @@ def best_times_interleaved(steps: dict, repeats: int) -> dict:
     alternation would charge one side for the other's after-effects.
     """
     times = {name: [] for name in steps}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, step in steps.items():
             jax.block_until_ready(step())
             start = time.perf_counter()
             jax.block_until_ready(step())
             times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    return times
+
+
+def best_times_interleaved(steps: dict, repeats: int) -> dict:
+    """Minimum wall time of each step over `repeats` interleaved rounds (`interleaved_times`)."""
+    return {name: min(t) for name, t in interleaved_times(steps, repeats).items()}
+
+
+def paired_ratio(ours_s: list, theirs_s: list) -> dict:
+    """Our throughput over theirs, round by round (`theirs / ours` step time, the two timed moments
+    apart): the median and quartiles over rounds. A ratio per round cancels the drift of a shared
+    machine that a ratio of two minima (each from whichever round was luckiest) does not."""
+    ratios = sorted(t / o for o, t in zip(ours_s, theirs_s))
+    return {"median": float(np.median(ratios)), "q1": float(np.percentile(ratios, 25)),
+            "q3": float(np.percentile(ratios, 75)), "rounds": ratios}
 
 
 def best_time(fn, *args, repeats: int) -> float:
@@ -299,9 +313,11 @@ def torchscale_step(cfg: RetNetConfig, length: int):
     return step, f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def bench_model(lengths, repeats, with_torchscale: bool, cfg: RetNetConfig = MODEL_CFG):
+def bench_model(lengths, rounds, with_torchscale: bool, cfg: RetNetConfig = MODEL_CFG):
     """Forward+backward tokens/s of a 6-layer RetNet LM in chunkwise mode (chunk 512), batch 1, and
-    of torchscale's, their steps alternating. Returns (our rows, torchscale rows)."""
+    of torchscale's, their steps alternating for `rounds` rounds. Tokens/s come from the median step
+    time; the comparison is the median of the per-round ratios (`paired_ratio`).
+    Returns (our rows, torchscale rows)."""
     rows, torchscale_rows = [], []
     for length in lengths:
         ours, n_params = retnet_step(cfg, length)
@@ -311,21 +327,26 @@ def bench_model(lengths, repeats, with_torchscale: bool, cfg: RetNetConfig = MOD
             steps["torchscale"] = theirs
         elif length == lengths[0]:
             print(f"  torchscale not measured: {note}")
-        seconds = best_times_interleaved(steps, repeats)
+        times = interleaved_times(steps, rounds)
         matmul_params = n_params - cfg.vocab_size * cfg.d_model  # the input embedding is a gather
         per_layer = form_flops("chunkwise", length, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim,
                                cfg.chunk_size)
         flops = 6.0 * matmul_params * length + 3.0 * cfg.n_layers * per_layer
-        s = seconds["ours"]
-        rows.append({"T": length, "seconds": s, "tokens_per_s": length / s, "gflops": flops / s / 1e9,
+        s = float(np.median(times["ours"]))
+        rows.append({"T": length, "seconds": s, "best_seconds": min(times["ours"]),
+                     "round_seconds": times["ours"], "tokens_per_s": length / s, "gflops": flops / s / 1e9,
                      "params": n_params})
         print(f"  RetNet 6x512 chunkwise fwd+bwd T={length:>5}: {length / s:8.0f} tokens/s "
-              f"({s * 1e3:.0f} ms/step, {flops / s / 1e9:.1f} GF/s)", flush=True)
-        if "torchscale" in seconds:
-            s = seconds["torchscale"]
-            torchscale_rows.append({"T": length, "seconds": s, "tokens_per_s": length / s, "runtime": note})
+              f"({s * 1e3:.0f} ms/step, median of {rounds}; {flops / s / 1e9:.1f} GF/s)", flush=True)
+        if "torchscale" in times:
+            s = float(np.median(times["torchscale"]))
+            ratio = paired_ratio(times["ours"], times["torchscale"])
+            torchscale_rows.append({"T": length, "seconds": s, "best_seconds": min(times["torchscale"]),
+                                    "round_seconds": times["torchscale"], "tokens_per_s": length / s,
+                                    "runtime": note, "ours_over_torchscale": ratio})
             print(f"  torchscale 0.3.0 ({note}) T={length:>5}: {length / s:8.0f} tokens/s "
-                  f"({s * 1e3:.0f} ms/step)", flush=True)
+                  f"({s * 1e3:.0f} ms/step); ours/torchscale per round: median {ratio['median']:.2f}x "
+                  f"(quartiles {ratio['q1']:.2f}x-{ratio['q3']:.2f}x)", flush=True)
     return rows, torchscale_rows
 
 
@@ -356,7 +377,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--model-lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--chunk-size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per form and length (best kept)")
+    parser.add_argument("--model-rounds", type=int, default=7,
+                        help="alternating rounds of the model steps (medians kept)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--no-torchscale", action="store_true",
                         help="do not time the official PyTorch model beside ours")
@@ -371,6 +394,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.quick:
         args.lengths, args.model_lengths, args.repeats, args.chunk_size = [64, 256], [128], 1, 64
+        args.model_rounds = 2
 
     info = machine()
     print(f"machine: {info}")
@@ -380,7 +404,7 @@ def main(argv=None) -> int:
     print(f"retention forms (B=1, H=8, dk=64, dv=128, chunk {args.chunk_size})")
     rows = bench_forms(args.lengths, args.chunk_size, args.repeats)
     print("\nmodel (6 layers, d 512, 4 heads, value 1024, FFN 1024, vocab 8192, chunk 512, batch 1)")
-    model_rows, torchscale_rows = bench_model(args.model_lengths, args.repeats, not args.no_torchscale)
+    model_rows, torchscale_rows = bench_model(args.model_lengths, args.model_rounds, not args.no_torchscale)
     libraries = None if args.no_torchscale else matmul_libraries(args.repeats)
     if libraries:
         print("\nfloat32 matmul GFLOP/s of the model's main shapes, XLA (this JAX) vs torch, alternating")
@@ -426,14 +450,16 @@ def summarise(rows, model_rows, torchscale_rows, rate, lengths) -> dict:
         print(f"  chunkwise fwd+bwd at 8192: {row['fwd_bwd_gflops']:.1f} GF/s executed = {100 * frac:.0f}% "
               f"of matmul (target >= 30%); {100 * useful:.0f}% counting only unmasked products")
     for m in model_rows:
-        ref = next((r["tokens_per_s"] for r in torchscale_rows if r["T"] == m["T"]), None)
+        ref = next((r for r in torchscale_rows if r["T"] == m["T"]), None)
         frac = m["gflops"] / rate
         checks[f"model_tokens_per_s_{m['T']}"] = m["tokens_per_s"]
         checks[f"model_fraction_of_matmul_{m['T']}"] = frac
         ref_txt = ""
         if ref:
-            checks[f"model_over_torchscale_{m['T']}"] = m["tokens_per_s"] / ref
-            ref_txt = f"; torchscale {ref:.0f} tokens/s: ours is {m['tokens_per_s'] / ref:.2f}x"
+            ratio = ref["ours_over_torchscale"]
+            checks[f"model_over_torchscale_{m['T']}"] = ratio["median"]
+            ref_txt = (f"; torchscale {ref['tokens_per_s']:.0f} tokens/s: ours is {ratio['median']:.2f}x "
+                       f"(median per round; quartiles {ratio['q1']:.2f}x-{ratio['q3']:.2f}x)")
         print(f"  model T={m['T']}: {m['tokens_per_s']:.0f} tokens/s, {100 * frac:.0f}% of matmul{ref_txt}")
     return checks
 
