@@ -63,6 +63,10 @@ class RetNet(nnx.Module):
         mode: "parallel" (O(T**2) training form), "chunkwise" (linear, chunks of `chunk_size`, default
         `cfg.chunk_size`) or "recurrent" (token by token; decoding). All three give the same logits
         to float rounding.
+
+        state: what a previous call returned (or `init_state`), leaves `[L, B, ...]`. Sequences may be
+        at different positions; the layers of one sequence are always at the same one, and the
+        position is read from the first layer (a concrete state that breaks this is refused).
         """
         cfg = self.cfg
         tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
