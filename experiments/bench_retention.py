@@ -134,9 +134,9 @@ def best_times_interleaved(steps: dict, repeats: int) -> dict:
 
 
 def paired_ratio(ours_s: list, theirs_s: list) -> dict:
-    """Our throughput over theirs, round by round (`theirs / ours` step time, the two timed moments
-    apart): the median and quartiles over rounds. A ratio per round cancels the drift of a shared
-    machine that a ratio of two minima (each from whichever round was luckiest) does not."""
+    """Our throughput over theirs in each round (their step time / ours, two steps timed moments
+    apart), summarised as the median and quartiles over rounds. A ratio per round cancels the drift
+    of a shared machine; a ratio of two minima, each from whichever round was luckiest, does not."""
     ratios = sorted(t / o for o, t in zip(ours_s, theirs_s))
     return {"median": float(np.median(ratios)), "q1": float(np.percentile(ratios, 25)),
             "q3": float(np.percentile(ratios, 75)), "rounds": ratios}
