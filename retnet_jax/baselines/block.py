@@ -1,0 +1,52 @@
+"""The Transformer block: attention then FFN, each with a residual and a norm (as RetNet's block)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retnet_jax.baselines.attention import CausalSelfAttention
+from retnet_jax.baselines.config import TransformerConfig
+from retnet_jax.layers.feedforward import FeedForward
+from retnet_jax.layers.norms import Norm
+from retnet_jax.sharding import constrain
+
+TOKENS = ("batch", "length", "embed")
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm: `Y = X + Attention(norm(X))`, `X' = Y + FFN(norm(Y))`.
+
+    With `cfg.deepnorm`, post-norm DeepNet as in `RetNetBlock`: `X = norm(alpha X + Attention(X))`,
+    `X = norm(alpha X + FFN(X))`, `alpha = (2L)**0.25`; fc1, fc2, v and out_proj start divided by
+    `(8L)**0.25`.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention_norm = Norm.for_model(cfg)
+        self.attention = CausalSelfAttention(cfg, rngs=rngs)
+        self.ffn_norm = Norm.for_model(cfg)
+        self.ffn = FeedForward(cfg, rngs=rngs)
+        if cfg.deepnorm:
+            shrink, dh = (8.0 * cfg.n_layers) ** 0.25, cfg.head_dim
+            self.ffn.in_proj[...] = self.ffn.in_proj[...].at[:, 0].divide(shrink)
+            self.ffn.out_proj[...] = self.ffn.out_proj[...] / shrink
+            self.attention.qkv_proj[...] = self.attention.qkv_proj[...].at[..., 2 * dh:].divide(shrink)
+            self.attention.out_proj[...] = self.attention.out_proj[...] / shrink
+
+    def __call__(self, x_btd: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None, *,
+                 length_b: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`x [B, T, d]` -> `(x' [B, T, d], (keys, values))`; see `CausalSelfAttention` for the
+        cache. `length_b` int `[B]`: each sequence's position before these tokens (None: 0)."""
+        length_b = jnp.zeros(x_btd.shape[:1], jnp.int32) if length_b is None else length_b
+        x_btd = constrain(x_btd, TOKENS)
+        if self.cfg.deepnorm:
+            alpha = (2.0 * self.cfg.n_layers) ** 0.25
+            y_btd, cache = self.attention(x_btd, length_b, cache)
+            x_btd = self.attention_norm(alpha * x_btd + y_btd)
+            return constrain(self.ffn_norm(alpha * x_btd + self.ffn(x_btd)), TOKENS), cache
+        y_btd, cache = self.attention(self.attention_norm(x_btd), length_b, cache)
+        x_btd = x_btd + y_btd
+        return constrain(x_btd + self.ffn(self.ffn_norm(x_btd)), TOKENS), cache

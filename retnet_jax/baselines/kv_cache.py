@@ -1,0 +1,61 @@
+"""The Transformer's key/value cache: a fixed capacity of slots, one length per sequence.
+
+A sequence's token at position p is written to slot p, so a sequence's length is also the position
+of its next token, and sequences of a batch may sit at different lengths.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer (a pytree; leading layer axis, like `RetentionState`).
+
+    key_lbchk:   rotated keys, `[L, B, C, H, dh]` (C: capacity, slots), in the compute dtype
+                 (`cfg.dtype`): what the attention multiplies, so bf16 models store bf16.
+    value_lbchk: values, `[L, B, C, H, dh]`, same dtype.
+    length_b:    int32 `[B]`: tokens each sequence has written (all layers write together).
+                 Slots at and past it are masked out; their content is never read.
+    """
+
+    key_lbchk: jax.Array
+    value_lbchk: jax.Array
+    length_b: jax.Array
+
+
+def init_cache(layers: int, batch: int, capacity: int, heads: int, head_dim: int, dtype) -> KVCache:
+    """An empty cache: zeros, every sequence at length 0."""
+    if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    zeros = jnp.zeros((layers, batch, capacity, heads, head_dim), dtype)
+    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+
+
+def write(cache_bchk: jax.Array, new_bthk: jax.Array, length_b: jax.Array) -> jax.Array:
+    """`new` written to slots `length_b + t` of each sequence; writes past the capacity are dropped."""
+    batch, steps = new_bthk.shape[:2]
+    slot_bt = length_b[:, None] + jnp.arange(steps)
+    return cache_bchk.at[jnp.arange(batch)[:, None], slot_bt].set(new_bthk.astype(cache_bchk.dtype),
+                                                                  mode="drop")
+
+
+def visible(position_bt: jax.Array, capacity: int) -> jax.Array:
+    """bool `[B, T, C]`: slot s is visible to the query at position p when s <= p (causal)."""
+    return jnp.arange(capacity)[None, None, :] <= position_bt[:, :, None]
+
+
+def check_room(length_b: jax.Array, steps: int, capacity: int) -> None:
+    """Refuse, when the lengths are concrete, a call that would write past the capacity."""
+    if isinstance(length_b, jax.core.Tracer):
+        return  # traced: the model turns the overflowing positions' logits into NaN instead
+    lengths = np.asarray(length_b)
+    if lengths.size and int(lengths.max()) + steps > capacity:
+        raise ValueError(
+            f"KV cache full: capacity {capacity} slots, sequences at lengths {lengths.tolist()}, and "
+            f"{steps} more tokens would need {int(lengths.max()) + steps}; start from a larger "
+            f"init_state(batch, capacity)")

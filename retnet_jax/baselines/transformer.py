@@ -1,0 +1,148 @@
+"""The Transformer baseline: embedding, a scanned stack of attention blocks, final norm, logits.
+
+Same call contract as `RetNet`, so generic code (losses, generation, benchmarks) takes either.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retnet_jax.baselines import kv_cache
+from retnet_jax.baselines.block import TransformerBlock
+from retnet_jax.baselines.config import TransformerConfig
+from retnet_jax.baselines.kv_cache import KVCache
+from retnet_jax.config import Mode
+from retnet_jax.layers.fused import unembed
+from retnet_jax.layers.norms import Norm
+from retnet_jax.model import LAYER_METADATA, MODES, check_tokens, embedding_table, remat_layer
+from retnet_jax.ops.kernels import resolve_kernels
+from retnet_jax.sharding import constrain
+
+
+class Transformer(nnx.Module):
+    """`model(tokens [B, T], mode=..., state=None) -> (logits [B, T, vocab] float32, KVCache)`.
+
+    Build it from a RetNet config: `Transformer(TransformerConfig.from_retnet(cfg), rngs=...)`.
+    The blocks are created with `nnx.vmap` and run with `jax.lax.scan` (compile time does not grow
+    with depth); their parameters carry a leading "layers" axis.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        if not isinstance(cfg, TransformerConfig):
+            raise ValueError(f"cfg must be a TransformerConfig (from a RetNetConfig: "
+                             f"TransformerConfig.from_retnet(cfg)), got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.kernels = resolve_kernels(cfg.kernels)
+        self.embed = embedding_table(cfg, rngs)
+        self.embed_norm = Norm.for_model(cfg) if cfg.embedding_norm else None
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
+        def make_blocks(rngs: nnx.Rngs) -> TransformerBlock:
+            return TransformerBlock(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = None if cfg.deepnorm else Norm.for_model(cfg)  # DeepNet blocks end in one
+        self.unembed = None if cfg.tie_embeddings else embedding_table(cfg, rngs)
+
+    def init_state(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache for `batch` sequences of up to `capacity` tokens each (prompt included)."""
+        cfg = self.cfg
+        return kv_cache.init_cache(cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
+
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        *,
+        mode: Mode = "parallel",
+        state: KVCache | None = None,
+        chunk_size: int | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits for `tokens [B, T]` (int), continuing from `state` (None: fresh sequences).
+
+        mode: accepted for RetNet's contract and checked, but all three are one computation here
+        (every token attends to the cache and to the tokens before it in this call): "chunkwise" is
+        the parallel form (a Transformer has no chunkwise form), "recurrent" is that form on
+        however many tokens are given. `chunk_size` is ignored.
+
+        state: None, or the `KVCache` of `init_state(batch, capacity)` or of a previous call. Each
+        sequence continues at its own length. With None, the returned cache holds exactly these
+        tokens (capacity T, full): to decode afterwards, prefill into an `init_state` cache.
+        A call that would write past the capacity is refused when the lengths are concrete; under
+        `jax.jit` the overflowing positions' logits, and the rest of that sequence's, are NaN.
+
+        last_only: the logits of the last position only, `[B, 1, vocab]` (the unembedding runs there
+        alone: what a prefill needs).
+
+        Ids outside the vocabulary are refused when concrete; traced, their logits, and those of every
+        later position and call of that sequence, are NaN (as in `RetNet`).
+        """
+        cfg = self.cfg
+        tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        batch, steps = tokens_bt.shape
+        if state is not None:
+            state = _check_cache(state, cfg, batch)
+            kv_cache.check_room(state.length_b, steps, state.key_lbchk.shape[2])
+        length_b = jnp.zeros((batch,), jnp.int32) if state is None else state.length_b
+
+        invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
+        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="clip")
+        x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
+        if cfg.scale_embedding:
+            x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
+        if self.embed_norm is not None:
+            x_btd = self.embed_norm(x_btd)
+
+        graphdef, block_params = nnx.split(self.blocks)
+
+        def layer(x_btd, params_and_cache):
+            params, cache = params_and_cache
+            return nnx.merge(graphdef, params)(x_btd, cache, length_b=length_b)
+
+        caches = None if state is None else (state.key_lbchk, state.value_lbchk)
+        x_btd, (key_lbchk, value_lbchk) = jax.lax.scan(
+            remat_layer(layer, cfg.remat), x_btd, (block_params, caches))
+        cache = KVCache(key_lbchk, value_lbchk, length_b + steps)
+
+        if self.final_norm is not None:
+            x_btd = self.final_norm(x_btd)
+        position_bt = length_b[:, None] + jnp.arange(steps)
+        x_btd, cache = _poison_from(invalid_bt | (position_bt >= key_lbchk.shape[2]), x_btd, cache)
+        if last_only:
+            x_btd = x_btd[:, -1:]
+        unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
+        logits_btv = unembed(x_btd, unembed_vd, cfg.dtype, kernels=self.kernels)
+        return constrain(logits_btv, ("batch", "length", "vocab")), cache
+
+
+def _poison_from(bad_bt: jax.Array, x_btd: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """NaN features from a sequence's first bad position on (an invalid id, or no room left under
+    jit), and NaN keys and values for that sequence, so its later calls are NaN too."""
+    poisoned_bt = jnp.cumsum(bad_bt, axis=1) > 0
+    x_btd = jnp.where(poisoned_bt[..., None], jnp.nan, x_btd)
+    poisoned_b = poisoned_bt[:, -1][None, :, None, None, None]
+    return x_btd, cache._replace(key_lbchk=jnp.where(poisoned_b, jnp.nan, cache.key_lbchk),
+                                 value_lbchk=jnp.where(poisoned_b, jnp.nan, cache.value_lbchk))
+
+
+def _check_cache(state, cfg: TransformerConfig, batch: int) -> KVCache:
+    if not isinstance(state, KVCache):
+        raise ValueError(f"state must be the KVCache of init_state or of a Transformer call, got "
+                         f"{type(state).__name__}")
+    capacity = state.key_lbchk.shape[2] if state.key_lbchk.ndim == 5 else None
+    want = (cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim)
+    for name in ("key_lbchk", "value_lbchk"):
+        got = tuple(getattr(state, name).shape)
+        if got != want:
+            raise ValueError(f"state.{name} must have shape [L, B, C, H, dh] = {want} for this model "
+                             f"and tokens of batch {batch}, got {got}")
+    if tuple(state.length_b.shape) != (batch,) or not jnp.issubdtype(state.length_b.dtype, jnp.integer):
+        raise ValueError(f"state.length_b must be integer with shape [B] = ({batch},), got "
+                         f"{state.length_b.dtype}{tuple(state.length_b.shape)}")
+    return state
