@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from typing import Any, ClassVar, Literal
 
 import jax.numpy as jnp
 
+from retnet_jax.ops.kernels import KernelChoice
+
 Mode = Literal["parallel", "chunkwise", "recurrent"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,9 @@ class RetNetConfig:
     # rotations, decay masks, scores and activations; "none" keeps whatever XLA would; "full" keeps
     # only each block's input and recomputes the block (least memory, ~1/3 more compute).
     remat: Literal["none", "projections", "full"] = "none"
+    # Backend-specific code paths (retnet_jax/ops/kernels.py): "auto" picks "xla_cpu" on the CPU
+    # backend, "plain" (ordinary autodiff, forward mode too) elsewhere, when a model is built.
+    kernels: KernelChoice = "auto"
 
     dtype: Any = jnp.float32  # compute dtype of activations and matmuls
     param_dtype: Any = jnp.float32  # storage dtype of parameters
@@ -68,13 +76,7 @@ class RetNetConfig:
             except TypeError as err:
                 raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
                                  f"got {getattr(self, name)!r}") from err
-        choices = {
-            "decay": ("official", "torchscale", "paper"), "ffn": ("glu", "plain"),
-            "activation": ("gelu", "swish"),
-            "norm": ("rmsnorm", "layernorm"), "head_norm": ("rmsnorm", "layernorm", "groupnorm"),
-            "remat": ("none", "projections", "full"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in literal_choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -114,6 +116,14 @@ class RetNetConfig:
 
 
 _DTYPE_FIELDS = ("dtype", "param_dtype")
+
+
+@functools.cache
+def literal_choices(cls) -> dict[str, tuple[Any, ...]]:
+    """`{field: allowed values}` for every field of a dataclass annotated with a `Literal`."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
 
 
 # The paper's models (Table 8): plain gelu FFN, LayerNorm, GroupNorm heads, the paper's decays.

@@ -18,7 +18,7 @@ def cross_entropy(
         raise ValueError(
             f"logits must be [B, T, vocab] and targets [B, T] with the same B, T; got "
             f"{logits_btv.shape} and {targets_bt.shape}")
-    logits_btv = logits_btv.astype(jnp.float32)
+    logits_btv = logits_btv.astype(jnp.promote_types(logits_btv.dtype, jnp.float32))
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     loss_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
     if mask_bt is None:

@@ -7,14 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.config import MODES, Mode, RetNetConfig
 from retnet_jax.layers.block import RetNetBlock
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
 from retnet_jax.ops import RetentionState, init_state
+from retnet_jax.ops.kernels import resolve_kernels
 from retnet_jax.ops.validation import check_chunk_size
+from retnet_jax.sharding import constrain
 
-MODES = ("parallel", "chunkwise", "recurrent")
+# Stacked layers get a leading "layers" logical axis on every parameter.
+LAYER_METADATA = {nnx.PARTITION_NAME: None, "logical_axes": "layers"}
 
 
 class RetNet(nnx.Module):
@@ -26,13 +29,12 @@ class RetNet(nnx.Module):
 
     def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d, pd = cfg.d_model, cfg.param_dtype
-        self.embed = nnx.Param(
-            (jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) * d**-0.5).astype(pd))
+        self.kernels = resolve_kernels(cfg.kernels)
+        self.embed = embedding_table(cfg, rngs)
         self.embed_norm = Norm.for_model(cfg) if cfg.embedding_norm else None
 
         @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
         def make_blocks(rngs: nnx.Rngs) -> RetNetBlock:
             return RetNetBlock(cfg, rngs=rngs)
 
@@ -41,11 +43,14 @@ class RetNet(nnx.Module):
         self.final_norm = None if cfg.deepnorm else Norm.for_model(cfg)
         # Output projection stored [vocab, d] like the embedding (and torch's Linear): the backward
         # pass then needs no transposed copy of the [T, vocab] logit gradient.
-        self.unembed = None if cfg.tie_embeddings else nnx.Param(
-            (jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) * d**-0.5).astype(pd))
+        self.unembed = None if cfg.tie_embeddings else embedding_table(cfg, rngs)
 
-    def init_state(self, batch: int) -> RetentionState:
-        """An empty state for `batch` sequences: `[L, B, H, dk, dv]` sums, positions `[L, B]` at 0."""
+    def init_state(self, batch: int, capacity: int | None = None) -> RetentionState:
+        """An empty state for `batch` sequences: `[L, B, H, dk, dv]` sums, positions `[L, B]` at 0.
+
+        `capacity` is ignored (a retention state does not grow); it is there so that generic code can
+        call RetNet and the Transformer baseline (whose KV cache has a capacity) alike.
+        """
         cfg = self.cfg
         one = init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_layers, *x.shape)), one)
@@ -57,6 +62,7 @@ class RetNet(nnx.Module):
         mode: Mode = "parallel",
         state: RetentionState | None = None,
         chunk_size: int | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, RetentionState]:
         """Logits for `tokens [B, T]` (int), continuing from `state` (None: a fresh sequence).
 
@@ -67,6 +73,9 @@ class RetNet(nnx.Module):
         state: what a previous call returned (or `init_state`), leaves `[L, B, ...]`. Sequences may be
         at different positions; the layers of one sequence are always at the same one, and the
         position is read from the first layer (a concrete state that breaks this is refused).
+
+        last_only: return the logits of the last position only, `[B, 1, vocab]` (a prefill needs
+        no more; the `[B, T, vocab]` array is never formed).
         """
         cfg = self.cfg
         tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
@@ -80,7 +89,7 @@ class RetNet(nnx.Module):
         # of every later position and call of that sequence, become NaN: never a silent clamp.
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
         x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="clip")
-        x_btd = x_btd.astype(cfg.dtype)
+        x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
         if cfg.scale_embedding:
             x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
         if self.embed_norm is not None:
@@ -89,8 +98,7 @@ class RetNet(nnx.Module):
         graphdef, block_params = nnx.split(self.blocks)
         # A model state advances all its layers together, so they share one position per sequence.
         # Taken from outside the layer scan, it makes the rotation angles (and every other function
-        # of position alone) loop-invariant: computed once, not once per layer, and not stacked per
-        # layer for the backward pass (benchmark step at T=2048: 12 MB less scratch, ~1% faster).
+        # of position alone) loop-invariant: computed once, not stacked per layer.
         position_b = state.position_b[0]
 
         def layer(x_btd, params_and_state):
@@ -104,9 +112,11 @@ class RetNet(nnx.Module):
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
         x_btd, state = _poison_after_invalid(x_btd, state, invalid_bt)
+        if last_only:
+            x_btd = x_btd[:, -1:]
         unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
-        logits = unembed(x_btd, unembed_vd, cfg.dtype)
-        return logits, state
+        logits_btv = unembed(x_btd, unembed_vd, cfg.dtype, kernels=self.kernels)
+        return constrain(logits_btv, ("batch", "length", "vocab")), state
 
 
 # Names the layers give (with `jax.ad_checkpoint.checkpoint_name`) to the activations that
@@ -114,13 +124,16 @@ class RetNet(nnx.Module):
 SAVED_ACTIVATIONS = ("projections", "retention", "ffn_in")
 
 
-def remat_layer(layer, remat: str):
-    """`layer` under `jax.checkpoint` with the policy `RetNetConfig.remat` names.
+def embedding_table(cfg, rngs: nnx.Rngs) -> nnx.Param:
+    """A `[vocab, d]` table drawn from `N(0, 1/d)` (torchscale's embedding and output projection)."""
+    d = cfg.d_model
+    table = jax.random.normal(rngs.params(), (cfg.vocab_size, d), jnp.float32) * d**-0.5
+    return nnx.Param(table.astype(cfg.param_dtype), logical_axes=("vocab", "embed"))
 
-    Scratch memory of the benchmark's 6-layer, T=2048 training step: 0.67 GB ("none"), 0.49 GB
-    ("projections"), 0.24 GB ("full"); step time, paired runs on a 2-core Xeon: "projections" +5%,
-    "full" +20%.
-    """
+
+def remat_layer(layer, remat: str):
+    """`layer` under `jax.checkpoint` with the policy `RetNetConfig.remat` names (its memory and
+    speed costs are measured in experiments/PERFORMANCE.md)."""
     if remat == "none":
         return layer
     policy = (jax.checkpoint_policies.nothing_saveable if remat == "full"

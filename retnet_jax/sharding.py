@@ -38,7 +38,8 @@ RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     # Replicated (listed so the vocabulary of names is in one place):
-    ("length", None), ("head_dim", None), ("layers", None), ("norm", None), ("pieces", None),
+    ("length", None), ("head_dim", None), ("layers", None), ("norm", None), ("norm_heads", None),
+    ("pieces", None),
     ("cache", None),
 )
 

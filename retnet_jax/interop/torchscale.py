@@ -23,7 +23,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,19 +42,36 @@ from retnet_jax.ops import log_decay, rotation_frequencies
 
 
 class ParamMapping(NamedTuple):
-    """One torchscale tensor <-> (a slice of) one retnet_jax parameter.
+    """One torchscale tensor <-> (a region of) one retnet_jax parameter.
 
     ours: path of the parameter in `nnx.state(model, nnx.Param)`.
     theirs: the torchscale state-dict key; `{i}` marks a per-layer key, whose parameter carries a
       leading layer axis on our side (the blocks are stacked with `nnx.vmap`).
-    slot: for fused kernels `[in, n, out]`: which entry of axis 1 (after the layer axis) this is.
-    transpose: torch `Linear.weight` is `[out, in]`, our kernels are `[in, out]`.
+    region: for fused kernels, `region(cfg)` indexes the part of the (per-layer) parameter this
+      tensor fills, e.g. the q columns of `qkvg_proj [d, H, 2dk + 2dv]`.
+    transpose: torch `Linear.weight` is `[out, in]`; our kernels are `[in..., out...]`, the input
+      being the first `in_axes` axes of the region.
     """
 
     ours: tuple[str, ...]
     theirs: str
-    slot: int | None = None
+    region: Callable[[RetNetConfig], tuple] | None = None
     transpose: bool = False
+    in_axes: int = 1
+
+
+def _qkvg(piece: int) -> Callable[[RetNetConfig], tuple]:
+    """The columns of q, k, v or g (piece 0-3) in every head of `qkvg_proj [d, H, 2dk + 2dv]`."""
+    def region(cfg: RetNetConfig) -> tuple:
+        widths = (cfg.key_head_dim,) * 2 + (cfg.value_head_dim,) * 2
+        start = sum(widths[:piece])
+        return (slice(None), slice(None), slice(start, start + widths[piece]))
+    return region
+
+
+def _ffn(piece: int) -> Callable[[RetNetConfig], tuple]:
+    """fc1 (0) or gate (1) of `in_proj [d, 2, ffn]`."""
+    return lambda cfg: (slice(None), piece)
 
 
 # In torchscale's state_dict order. Rows whose parameter the model does not have (embed_norm without
@@ -63,16 +80,16 @@ PARAM_MAP: tuple[ParamMapping, ...] = (
     ParamMapping(("embed",), "embed_tokens.weight"),
     ParamMapping(("unembed",), "output_projection.weight"),  # both [vocab, d]
     ParamMapping(("embed_norm", "scale"), "layernorm_embedding.weight"),
-    ParamMapping(("blocks", "retention", "qk_proj"), "layers.{i}.retention.q_proj.weight", 0, True),
-    ParamMapping(("blocks", "retention", "qk_proj"), "layers.{i}.retention.k_proj.weight", 1, True),
-    ParamMapping(("blocks", "retention", "vg_proj"), "layers.{i}.retention.v_proj.weight", 0, True),
-    ParamMapping(("blocks", "retention", "vg_proj"), "layers.{i}.retention.g_proj.weight", 1, True),
+    ParamMapping(("blocks", "retention", "qkvg_proj"), "layers.{i}.retention.q_proj.weight", _qkvg(0), True),
+    ParamMapping(("blocks", "retention", "qkvg_proj"), "layers.{i}.retention.k_proj.weight", _qkvg(1), True),
+    ParamMapping(("blocks", "retention", "qkvg_proj"), "layers.{i}.retention.v_proj.weight", _qkvg(2), True),
+    ParamMapping(("blocks", "retention", "qkvg_proj"), "layers.{i}.retention.g_proj.weight", _qkvg(3), True),
     ParamMapping(("blocks", "retention", "out_proj"), "layers.{i}.retention.out_proj.weight",
-                 transpose=True),
+                 transpose=True, in_axes=2),
     ParamMapping(("blocks", "retention_norm", "scale"), "layers.{i}.retention_layer_norm.weight"),
-    ParamMapping(("blocks", "ffn", "in_proj"), "layers.{i}.ffn.fc1.weight", 0, True),
+    ParamMapping(("blocks", "ffn", "in_proj"), "layers.{i}.ffn.fc1.weight", _ffn(0), True),
     ParamMapping(("blocks", "ffn", "out_proj"), "layers.{i}.ffn.fc2.weight", transpose=True),
-    ParamMapping(("blocks", "ffn", "in_proj"), "layers.{i}.ffn.gate.weight", 1, True),
+    ParamMapping(("blocks", "ffn", "in_proj"), "layers.{i}.ffn.gate.weight", _ffn(1), True),
     ParamMapping(("blocks", "ffn_norm", "scale"), "layers.{i}.final_layer_norm.weight"),
     ParamMapping(("final_norm", "scale"), "layer_norm.weight"),
 )
@@ -394,29 +411,38 @@ def _layered(row: ParamMapping) -> bool:
     return "{i}" in row.theirs
 
 
-def _rows(param_shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[ParamMapping]:
-    """The rows of PARAM_MAP that apply to a model, after checking they cover its parameters."""
+def _region(row: ParamMapping, cfg: RetNetConfig) -> tuple:
+    return () if row.region is None else row.region(cfg)
+
+
+def _rows(cfg: RetNetConfig, param_shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[ParamMapping]:
+    """The rows of PARAM_MAP that apply to a model, after checking that they cover each of its
+    parameters exactly once."""
     rows = [row for row in PARAM_MAP if row.ours in param_shapes]
     for path, shape in param_shapes.items():
         mine = [row for row in rows if row.ours == path]
-        slots = sorted(row.slot for row in mine if row.slot is not None)
-        unsliced = [row for row in mine if row.slot is None]
-        base = shape[1:] if mine and _layered(mine[0]) else shape
-        covered = (len(unsliced) == 1 and not slots) or (
-            not unsliced and len(base) >= 2 and slots == list(range(base[1])))
-        covered = covered and len({_layered(row) for row in mine}) == 1
-        if not covered:
+        layered = {_layered(row) for row in mine}
+        covered = np.zeros(shape[1:] if layered == {True} else shape, np.int8)
+        for row in mine:
+            covered[_region(row, cfg)] += 1
+        if len(layered) != 1 or not np.all(covered == 1):
             raise RuntimeError(f"PARAM_MAP does not cover parameter {'.'.join(path)} {shape} exactly: "
                                "the parameter layout changed; update PARAM_MAP")
     return rows
 
 
-def _torch_shape(row: ParamMapping, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The torchscale tensor shape of `row` given our parameter shape."""
+def _region_shape(row: ParamMapping, cfg: RetNetConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Our shape of the region `row` fills (layer axis excluded)."""
     shape = shape[1:] if _layered(row) else shape
-    if row.slot is not None:
-        shape = shape[:1] + shape[2:]
-    return tuple(reversed(shape)) if row.transpose else tuple(shape)
+    return np.empty(shape, np.int8)[_region(row, cfg)].shape
+
+
+def _torch_shape(row: ParamMapping, cfg: RetNetConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torchscale tensor shape of `row` given our parameter shape."""
+    region = _region_shape(row, cfg, shape)
+    if not row.transpose:
+        return tuple(region)
+    return (math.prod(region[row.in_axes:]), math.prod(region[:row.in_axes]))
 
 
 def _keys(row: ParamMapping, n_layers: int) -> list[tuple[int | None, str]]:
@@ -428,12 +454,12 @@ def _keys(row: ParamMapping, n_layers: int) -> list[tuple[int | None, str]]:
 def _expected(cfg: RetNetConfig, param_shapes) -> dict[str, tuple[int, ...]]:
     """Every torchscale key of this model with its shape, in torchscale's state_dict order
     (per-layer keys layer-major), rel-pos buffers last."""
-    rows = _rows(param_shapes)
+    rows = _rows(cfg, param_shapes)
     out: dict[str, tuple[int, ...]] = {}
     i = 0
     while i < len(rows):
         if not _layered(rows[i]):
-            out[rows[i].theirs] = _torch_shape(rows[i], param_shapes[rows[i].ours])
+            out[rows[i].theirs] = _torch_shape(rows[i], cfg, param_shapes[rows[i].ours])
             if cfg.tie_embeddings and rows[i].theirs == TIED_SOURCE:
                 out[TIED_KEY] = out[TIED_SOURCE]
             i += 1
@@ -443,7 +469,7 @@ def _expected(cfg: RetNetConfig, param_shapes) -> dict[str, tuple[int, ...]]:
             j += 1
         for layer in range(cfg.n_layers):
             for row in rows[i:j]:
-                out[row.theirs.format(i=layer)] = _torch_shape(row, param_shapes[row.ours])
+                out[row.theirs.format(i=layer)] = _torch_shape(row, cfg, param_shapes[row.ours])
         i = j
     out[ANGLE_KEY] = (cfg.key_head_dim,)
     out[DECAY_KEY] = (cfg.n_heads,)
@@ -560,15 +586,13 @@ def load_torchscale(
     _check_buffers(sd, cfg)
 
     arrays = {path: np.empty(shape, np.float32) for path, shape in param_shapes.items()}
-    for row in _rows(param_shapes):
+    for row in _rows(cfg, param_shapes):
         for layer, key in _keys(row, cfg.n_layers):
             value = _to_numpy(sd[key]).astype(np.float32)
             value = value.T if row.transpose else value
             target = arrays[row.ours] if layer is None else arrays[row.ours][layer]
-            if row.slot is None:
-                target[...] = value
-            else:
-                target[:, row.slot] = value
+            region = _region(row, cfg)
+            target[region] = value.reshape(target[region].shape)
     pure = nnx.to_pure_dict(params)
     for path, array in arrays.items():
         node = pure
@@ -596,11 +620,13 @@ def to_torchscale(model: RetNet) -> dict[str, Any]:
     expected = _expected(cfg, param_shapes)
     dtype_name = jnp.dtype(cfg.param_dtype).name
     tensors: dict[str, Any] = {}
-    for row in _rows(param_shapes):
+    for row in _rows(cfg, param_shapes):
         for layer, key in _keys(row, cfg.n_layers):
             value = flat[row.ours] if layer is None else flat[row.ours][layer]
-            value = value if row.slot is None else value[:, row.slot]
-            tensors[key] = _to_torch(value.T if row.transpose else value, dtype_name)
+            value = value[_region(row, cfg)]
+            if row.transpose:
+                value = value.reshape(math.prod(value.shape[:row.in_axes]), -1).T
+            tensors[key] = _to_torch(np.ascontiguousarray(value), dtype_name)
     if cfg.tie_embeddings:
         tensors[TIED_KEY] = tensors[TIED_SOURCE]
     for key, buffer in _torchscale_buffers(cfg).items():

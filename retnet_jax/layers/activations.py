@@ -1,23 +1,16 @@
-"""`act(x) * gate` with a backward pass that keeps only `x` and `gate`.
+"""The activations (exact gelu, swish) with their derivatives, for `gated_projection`'s backward pass.
 
-Autodiff of `gelu(x) * gate` keeps four `[B, T, ffn]` intermediates of the activation (`erfc`,
-`exp`, products) for the backward pass, and of `swish(g) * o` three (`sigmoid` and products). In a
-scanned layer stack each one is written into a stacked `[layers, ...]` buffer in the forward pass
-(zero-filled first) and read back in the backward pass. Here the backward pass recomputes the
-activation and its derivative from `x` (one elementwise pass), and the residuals are just the two
-inputs, which the projections' own backward passes keep anyway. Same function, same gradients
-(tested against autodiff in float64). Computed in float32 at least, returned in `x`'s dtype.
+Its "xla_cpu" backward pass recomputes `act(x)` and `act'(x)` from `x` in one elementwise pass
+rather than keeping autodiff's intermediates (`erf`, `exp`, `sigmoid`, products) in the layer stack.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from retnet_jax.ops.state import accumulation_dtype
 
 ACTIVATIONS = ("gelu", "swish")  # gelu: exact (erf), torch's default; swish = silu
 
@@ -36,32 +29,6 @@ def value_and_slope(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
-def activation(name: str, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-    """`act(x) * gate` (or `act(x)` when `gate` is None), `act` being "gelu" (exact) or "swish"."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
-    if gate is not None and gate.shape != x.shape:
-        raise ValueError(f"gate must have the shape of x {x.shape}, got {gate.shape}")
-    return _gated(name, x, jnp.ones((), x.dtype) if gate is None else gate)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gated(name: str, x: jax.Array, gate: jax.Array) -> jax.Array:
-    acc = jnp.promote_types(accumulation_dtype(x.dtype), gate.dtype)
-    value = value_and_slope(name, x.astype(acc))[0]
-    return (value * gate.astype(acc)).astype(x.dtype)
-
-
-def _gated_fwd(name, x, gate):
-    return _gated(name, x, gate), (x, gate)
-
-
-def _gated_bwd(name, residuals, dy):
-    x, gate = residuals
-    acc = jnp.promote_types(accumulation_dtype(x.dtype), gate.dtype)
-    return gate_cotangents(x, gate, *value_and_slope(name, x.astype(acc)), dy)
-
-
 def gate_cotangents(x, gate, value, slope, dy) -> tuple[jax.Array, jax.Array]:
     """`(dx, dgate)` of `act(x) * gate` for the cotangent `dy`, given `act(x)` and `act'(x)` in the
     accumulation dtype; `gate` may be the scalar stand-in for "no gate" (its cotangent is then summed)."""
@@ -72,5 +39,3 @@ def gate_cotangents(x, gate, value, slope, dy) -> tuple[jax.Array, jax.Array]:
         dgate = jnp.sum(dgate).reshape(gate.shape)
     return dx, dgate.astype(gate.dtype)
 
-
-_gated.defvjp(_gated_fwd, _gated_bwd)

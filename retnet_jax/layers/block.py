@@ -10,6 +10,7 @@ from retnet_jax.layers.feedforward import FeedForward
 from retnet_jax.layers.norms import Norm
 from retnet_jax.layers.retention import MultiScaleRetention
 from retnet_jax.ops import RetentionState
+from retnet_jax.sharding import constrain
 
 
 class RetNetBlock(nnx.Module):
@@ -30,7 +31,8 @@ class RetNetBlock(nnx.Module):
             self.ffn.in_proj[...] = self.ffn.in_proj[...].at[:, 0].divide(shrink)
             self.ffn.out_proj[...] = self.ffn.out_proj[...] / shrink
             self.retention.out_proj[...] = self.retention.out_proj[...] / shrink
-            self.retention.vg_proj[...] = self.retention.vg_proj[...].at[:, 0].divide(shrink)
+            dk, _, dv, _ = self.retention.piece_sizes  # v_proj: the columns after q and k
+            self.retention.qkvg_proj[...] = self.retention.qkvg_proj[...].at[..., 2 * dk:2 * dk + dv].divide(shrink)
 
     def __call__(
         self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int
@@ -39,7 +41,9 @@ class RetNetBlock(nnx.Module):
             alpha = (2.0 * self.cfg.n_layers) ** 0.25
             y, state = self.retention(x_btd, state, mode=mode, chunk_size=chunk_size)
             x_btd = self.retention_norm(alpha * x_btd + y)
-            return self.ffn_norm(alpha * x_btd + self.ffn(x_btd)), state
-        y, state = self.retention(self.retention_norm(x_btd), state, mode=mode, chunk_size=chunk_size)
-        x_btd = x_btd + y
-        return x_btd + self.ffn(self.ffn_norm(x_btd)), state
+            x_btd = self.ffn_norm(alpha * x_btd + self.ffn(x_btd))
+        else:
+            y, state = self.retention(self.retention_norm(x_btd), state, mode=mode, chunk_size=chunk_size)
+            x_btd = x_btd + y
+            x_btd = x_btd + self.ffn(self.ffn_norm(x_btd))
+        return constrain(x_btd, ("batch", "length", "embed")), state

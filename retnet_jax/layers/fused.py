@@ -1,114 +1,130 @@
-"""Dense projections with hand-written backward passes: fewer, faster matmuls on XLA:CPU.
+"""Dense projections: `x @ kernel` with multi-axis kernels, fused pieces and float32 logits.
 
-Measured XLA:CPU effects drive this file (2-core AMD EPYC and Xeon, jax 0.10.2, float32, [2048, 512]
-inputs):
+Kernels keep their logical axes (`[d, H, 2dk + 2dv]`, `[H, dv, d]`, `[d, 2, ffn]`) and are contracted
+as they are, never reshaped or concatenated per call: under tensor parallelism each device then
+multiplies by its own heads or hidden units, and a decode step reads each weight once.
 
-* A weight gradient `x^T dy` is left to XLA as the contraction it is. A transposed copy of `x` for a
-  plain matmul ran ~30% faster on AMD EPYC, but on a Xeon both ran at the full rate, and made
-  inside a scanned layer XLA fused the copy into the slicing (backward) or stacking (forward) of
-  the residuals and ran it 8x slower than a plain transpose: 6.9 vs 0.8 ms for `[2048, 1024]`,
-  about 8% of a training step. Contracting `x` as it is was 15% faster per step on the Xeon.
-* Differentiating the slices of a fused `[N, d] @ [d, S*E]` product builds one zero-padded array per
-  output, which XLA then materialised twice (~6% of a training step); the backward here concatenates
-  the cotangents once instead.
-* XLA:CPU runs independent operations concurrently, so a layer's `dx` and `dW` matmuls (or two
-  projections of the same input) shared the two cores and their caches. One matmul for several
-  projections, and `dW` ordered after `dx`, made a training step ~5% faster (paired runs).
+With `kernels="xla_cpu"` the backward passes are written by hand for XLA:CPU (measured in
+experiments/PERFORMANCE.md): the cotangents of fused pieces are concatenated once (autodiff of the
+slices builds and adds zero-padded arrays), `dx` is ordered before `dW` (two matmuls sharing two
+cores split the caches), and `dW` is computed with the narrower side as the rows of the product.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _pinned_on_cpu(x):
-    """`x` (any pytree) behind an `optimization_barrier` on CPU, so XLA neither folds it into its
-    consumers nor starts them before all of it is computed; unchanged on other backends."""
-    return jax.lax.optimization_barrier(x) if jax.default_backend() == "cpu" else x
+from retnet_jax.ops.kernels import check_kernels
 
 
-def weight_gradient(x_nd: jax.Array, dy_nf: jax.Array) -> jax.Array:
-    """`x^T dy` as `[d, f]`, computed on CPU with the narrower of d, f as the rows of the product.
-
-    XLA:CPU ran these long-contraction products at ~135 GFLOP/s per core when the output had more
-    rows than columns and at ~160 otherwise (Xeon; `[1024, 512]` from 2048 tokens: 132 vs 158
-    counting the transpose of the result, which is small).
-    """
-    if jax.default_backend() == "cpu" and x_nd.shape[1] > dy_nf.shape[1]:
-        return _pinned_on_cpu(jnp.einsum("nf,nd->fd", dy_nf, x_nd)).T
-    return jnp.einsum("nd,nf->df", x_nd, dy_nf)
+def pinned(x):
+    """`x` (any pytree) behind an `optimization_barrier`: XLA neither folds it into its consumers
+    nor starts them before all of it is computed."""
+    return jax.lax.optimization_barrier(x)
 
 
 def sequential(first, *then):
-    """`(first, *then)` unchanged, but whatever consumes `then` waits for `first` to be computed.
+    """`(first, *then)` unchanged, but whatever consumes `then` waits for `first` to be computed
+    (XLA:CPU runs independent matmuls concurrently, splitting the two cores' caches)."""
+    return pinned((first, *then))
 
-    XLA:CPU runs independent operations concurrently; two matmuls sharing two cores then split
-    the caches between them. Ordering them keeps each matmul's working set in cache.
+
+def weight_gradient(x_ni: jax.Array, dy_no: jax.Array) -> jax.Array:
+    """`x^T dy` as `[I..., O...]` from `x [N, I...]`, `dy [N, O...]`: with the narrower of I, O as
+    the rows of the product, which XLA:CPU runs ~15% faster for these long contractions."""
+    n_in, n_out = x_ni.ndim - 1, dy_no.ndim - 1
+    if math.prod(x_ni.shape[1:]) > math.prod(dy_no.shape[1:]):
+        dw_oi = pinned(_contract_tokens(dy_no, x_ni))
+        return jnp.transpose(dw_oi, tuple(range(n_out, n_out + n_in)) + tuple(range(n_out)))
+    return _contract_tokens(x_ni, dy_no)
+
+
+def _contract_tokens(a, b):
+    """`sum_n a[n, ...] b[n, ...]` -> `[a..., b...]`."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+
+
+def _contract(x_ni: jax.Array, kernel: jax.Array, preferred_element_type=None) -> jax.Array:
+    """`[N, I...] @ [I..., O...] -> [N, O...]`, contracting all of x's trailing axes."""
+    n_in = x_ni.ndim - 1
+    return jax.lax.dot_general(x_ni, kernel, ((tuple(range(1, n_in + 1)), tuple(range(n_in))), ((), ())),
+                               preferred_element_type=preferred_element_type)
+
+
+def _check(x, kernel, name="kernel"):
+    n_in = x.ndim - 2
+    if x.ndim < 3 or kernel.ndim <= n_in or kernel.shape[:n_in] != x.shape[2:]:
+        raise ValueError(f"x must be [B, T, I...] and {name} [I..., O...] with the same I...; got x "
+                         f"{x.shape}, {name} {kernel.shape}")
+
+
+def projection(x: jax.Array, kernel: jax.Array, *, dtype, kernels: str) -> jax.Array:
+    """`x [B, T, I...] @ kernel [I..., O...] -> [B, T, O...]` in `dtype`."""
+    (y,) = fused_projection(x, kernel, (kernel.shape[-1],), dtype=dtype, kernels=kernels)
+    return y
+
+
+def fused_projection(x: jax.Array, kernel: jax.Array, sizes: tuple[int, ...], *, axis: int = -1,
+                     dtype, kernels: str) -> tuple[jax.Array, ...]:
+    """`x @ kernel` as one matmul, returned in pieces of `sizes` along output axis `axis`.
+
+    x `[B, T, I...]`, kernel `[I..., O...]`; each piece is `[B, T, O...]` with `axis` cut to its
+    size (e.g. q, k, v, g from a `[d, H, 2dk + 2dv]` kernel: sizes `(dk, dk, dv, dv)`).
     """
-    return _pinned_on_cpu((first, *then))
+    _check(x, kernel)
+    n_in = x.ndim - 2
+    axis = axis % (kernel.ndim - n_in) - (kernel.ndim - n_in)  # negative: counted from the end
+    sizes = tuple(int(s) for s in sizes)
+    if sum(sizes) != kernel.shape[axis]:
+        raise ValueError(f"sizes {sizes} must add up to the kernel's axis {axis}, {kernel.shape[axis]}")
+    batch, length = x.shape[:2]
+    x_ni = x.astype(dtype).reshape(batch * length, *x.shape[2:])
+    kernel = kernel.astype(dtype)
+    if check_kernels(kernels) == "plain":
+        pieces = _split(_contract(x_ni, kernel), sizes, axis)
+    else:
+        pieces = _split_matmul(x_ni, kernel, sizes, axis)
+    return tuple(p.reshape(batch, length, *p.shape[1:]) for p in pieces)
 
 
-def _kernel_matrix(kernels: tuple[jax.Array, ...], dtype) -> jax.Array:
-    """The kernels `[d, S, E]` (or `[d, E]`) side by side as one `[d, sum S*E]` matrix in `dtype`."""
-    width = kernels[0].shape[0]
-    return jnp.concatenate([k.reshape(width, -1).astype(dtype) for k in kernels], axis=-1)
+def _split(y, sizes, axis):
+    return tuple(jnp.split(y, np.cumsum(sizes)[:-1], axis=axis)) if len(sizes) > 1 else (y,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _split_matmul(x_nd: jax.Array, kernels: tuple[jax.Array, ...], widths: tuple[int, ...], dtype
-                  ) -> tuple[jax.Array, ...]:
-    """`x @ concat(kernels)` (one `[N, d] @ [d, F]` matmul) cut along F into pieces of `widths`."""
-    y_nf = x_nd @ _kernel_matrix(kernels, dtype)
-    return tuple(jnp.split(y_nf, np.cumsum(widths)[:-1], axis=-1)) if len(widths) > 1 else (y_nf,)
+def _split_matmul(x_ni, kernel, sizes, axis):
+    return _split(_contract(x_ni, kernel), sizes, axis)
 
 
-def _split_matmul_fwd(x_nd, kernels, widths, dtype):
-    # The kernels are kept as given, not as the concatenated matrix: inside a scanned layer stack
-    # they are slices of the stacked parameters, which the scan hands to the backward pass as they
-    # are; a concatenated or reshaped copy would be written into a stacked [layers, ...] buffer.
-    return _split_matmul(x_nd, kernels, widths, dtype), (x_nd, kernels)
+def _split_matmul_fwd(x_ni, kernel, sizes, axis):
+    return _split_matmul(x_ni, kernel, sizes, axis), (x_ni, kernel)
 
 
-def _split_matmul_bwd(widths, dtype, residuals, cotangents):
-    x_nd, kernels = residuals
-    dy_nf = cotangents[0] if len(widths) == 1 else jnp.concatenate(cotangents, axis=-1)  # written once
-    dx_nd = jnp.einsum("nf,df->nd", dy_nf, _kernel_matrix(kernels, dtype))
-    dx_nd, x_nd = sequential(dx_nd, x_nd)
-    dkernel_df = weight_gradient(x_nd, dy_nf)
-    sizes = [k.size // k.shape[0] for k in kernels]
-    pieces = jnp.split(dkernel_df, np.cumsum(sizes)[:-1], axis=-1) if len(kernels) > 1 else [dkernel_df]
-    return dx_nd, tuple(p.reshape(k.shape).astype(k.dtype) for p, k in zip(pieces, kernels))
+def _split_matmul_bwd(sizes, axis, residuals, cotangents):
+    x_ni, kernel = residuals
+    dy_no = cotangents[0] if len(sizes) == 1 else jnp.concatenate(cotangents, axis=axis)  # written once
+    n_in, n_out = x_ni.ndim - 1, dy_no.ndim - 1
+    out_axes = tuple(range(1, n_out + 1))
+    dx_ni = jax.lax.dot_general(dy_no, kernel, ((out_axes, tuple(range(n_in, n_in + n_out))), ((), ())))
+    dx_ni, x_ni = sequential(dx_ni, x_ni)
+    return dx_ni, weight_gradient(x_ni, dy_no).astype(kernel.dtype)
 
 
 _split_matmul.defvjp(_split_matmul_fwd, _split_matmul_bwd)
 
 
-def fused_projection(x_btd: jax.Array, *kernels: jax.Array, dtype) -> tuple[jax.Array, ...]:
-    """`x @ kernel[:, s, :]` for every kernel `[d, S, E]` (or `[d, E]`) and every s, as one matmul.
-
-    Returns the S outputs `[B, T, E]` of each kernel in order, computed in `dtype`; the kernels are
-    concatenated along their output axis first (a copy of the weights, cheap beside the matmul).
-    """
-    batch, length, width = x_btd.shape
-    widths = tuple(k.shape[-1] for k in kernels for _ in range(k.size // (width * k.shape[-1])))
-    outs_ne = _split_matmul(x_btd.astype(dtype).reshape(batch * length, width), tuple(kernels), widths,
-                            jnp.dtype(dtype))
-    return tuple(y_ne.reshape(batch, length, -1) for y_ne in outs_ne)
-
-
-def projection(x_bti: jax.Array, kernel_io: jax.Array, dtype) -> jax.Array:
-    """`x @ kernel` (`[B, T, I] @ [I, O]`) in `dtype`, with the fast weight gradient."""
-    (y_bto,) = fused_projection(x_bti, kernel_io, dtype=dtype)
-    return y_bto
+def _logit_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)  # float32 logits (float64 under float64)
 
 
 @jax.custom_vjp
 def _unembed(x_nd: jax.Array, table_vd: jax.Array) -> jax.Array:
-    return jnp.einsum("nd,vd->nv", x_nd, table_vd, preferred_element_type=jnp.float32)
+    return jnp.einsum("nd,vd->nv", x_nd, table_vd, preferred_element_type=_logit_dtype(x_nd.dtype))
 
 
 def _unembed_fwd(x_nd, table_vd):
@@ -118,18 +134,20 @@ def _unembed_fwd(x_nd, table_vd):
 def _unembed_bwd(residuals, dlogits_nv):
     x_nd, table_vd = residuals
     dlogits_nv = dlogits_nv.astype(x_nd.dtype)
-    dx_nd = jnp.einsum("nv,vd->nd", dlogits_nv, table_vd, preferred_element_type=jnp.float32)
+    dx_nd = jnp.einsum("nv,vd->nd", dlogits_nv, table_vd, preferred_element_type=_logit_dtype(x_nd.dtype))
     # [d, V], then one transpose of the (small) table gradient: XLA:CPU ran the [V, d] product
     # directly as a slower transposed-output dot.
-    dtable_dv = _pinned_on_cpu(weight_gradient(x_nd, dlogits_nv))
+    dtable_dv = pinned(weight_gradient(x_nd, dlogits_nv))
     return dx_nd.astype(x_nd.dtype), dtable_dv.T.astype(table_vd.dtype)
 
 
 _unembed.defvjp(_unembed_fwd, _unembed_bwd)
 
 
-def unembed(x_btd: jax.Array, table_vd: jax.Array, dtype) -> jax.Array:
+def unembed(x_btd: jax.Array, table_vd: jax.Array, dtype, *, kernels: str) -> jax.Array:
     """Float32 logits `x @ table^T` (`[B, T, d]`, table `[V, d]`), the matmul in `dtype`."""
+    x_btd, table_vd = x_btd.astype(dtype), table_vd.astype(dtype)
+    if check_kernels(kernels) == "plain":
+        return jnp.einsum("btd,vd->btv", x_btd, table_vd, preferred_element_type=_logit_dtype(dtype))
     batch, length, width = x_btd.shape
-    logits_nv = _unembed(x_btd.astype(dtype).reshape(batch * length, width), table_vd.astype(dtype))
-    return logits_nv.reshape(batch, length, -1)
+    return _unembed(x_btd.reshape(batch * length, width), table_vd).reshape(batch, length, -1)

@@ -1,47 +1,47 @@
-"""`(act(x) * gate) @ W` with a backward pass that keeps `x`, `gate` and `W`, not their product.
+"""`(act(x) * gate) @ W`: the GLU feed-forward's `fc2(act(x fc1) * (x gate))` and the retention
+output `(swish(X Wg) * HeadNorm(Y)) Wo`.
 
-Both places where RetNet multiplies an activation by a gate feed the result straight into a
-projection: the GLU feed-forward (`fc2(act(x fc1) * (x gate))`) and the retention output
-(`(swish(X Wg) * HeadNorm(Y)) Wo`). Composed from `activation` and `projection`, the projection's
-backward pass keeps its input `h = act(x) * gate` for the weight gradient `h^T dy`, beside the `x`
-and `gate` the activation keeps. In a scanned layer stack every kept array is written into a
-zero-filled `[layers, ...]` buffer and copied back out, so `h` cost 8 MB per use per layer at the
-benchmark's T=2048. Here the backward pass recomputes `h` from `x` and `gate` in the same elementwise
-pass that computes the activation's derivative. Same function and gradients as the composition
-(tested against it and against autodiff of the formula).
+With `kernels="xla_cpu"` the backward pass keeps `x`, `gate` and `W` and recomputes the product
+`h = act(x) * gate` (and the activation's derivative) in one elementwise pass, instead of storing
+`h` and the activation's intermediates in the scanned layer stack (experiments/PERFORMANCE.md).
+Same function and gradients as autodiff of the formula, which `kernels="plain"` uses.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from retnet_jax.layers.activations import ACTIVATIONS, gate_cotangents, value_and_slope
-from retnet_jax.layers.fused import sequential, weight_gradient
+from retnet_jax.layers.fused import projection, sequential, weight_gradient
+from retnet_jax.ops.kernels import check_kernels
 from retnet_jax.ops.state import accumulation_dtype
 
 
-def gated_projection(name: str, x: jax.Array, gate: jax.Array | None, kernel_io: jax.Array, dtype
-                     ) -> jax.Array:
-    """`(act(x) * gate) @ kernel`: x and gate `[B, T, ...]` (the same shape, trailing axes holding
-    `I` values in all), kernel `[I, O]`, result `[B, T, O]`. `gate=None` means `act(x) @ kernel`.
+def gated_projection(name: str, x: jax.Array, gate: jax.Array | None, kernel: jax.Array, dtype, *,
+                     kernels: str) -> jax.Array:
+    """`(act(x) * gate) @ kernel`: x and gate `[B, T, I...]` (the same shape), kernel `[I..., O]`,
+    result `[B, T, O]`. `gate=None` means `act(x) @ kernel`.
 
     The activation is computed in float32 at least and rounded to `x`'s dtype, the matmul runs in
-    `dtype`, exactly as `projection(activation(name, x, gate), kernel, dtype)`.
+    `dtype`, exactly as `projection(act(x) * gate, kernel)`.
     """
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
     if gate is not None and gate.shape != x.shape:
         raise ValueError(f"gate must have the shape of x {x.shape}, got {gate.shape}")
-    inputs = math.prod(x.shape[2:])
-    if x.ndim < 3 or kernel_io.ndim != 2 or kernel_io.shape[0] != inputs:
-        raise ValueError(f"x must be [B, T, ...] with {kernel_io.shape[0] if kernel_io.ndim == 2 else 'I'} "
-                         f"values per token and kernel_io [I, O]; got x {x.shape}, kernel_io {kernel_io.shape}")
+    n_in = x.ndim - 2
+    if x.ndim < 3 or kernel.ndim != n_in + 1 or kernel.shape[:n_in] != x.shape[2:]:
+        raise ValueError(f"x must be [B, T, I...] and kernel [I..., O] with the same I...; got x "
+                         f"{x.shape}, kernel {kernel.shape}")
     gate = jnp.ones((), x.dtype) if gate is None else gate
-    return _gated_projection(name, jnp.dtype(dtype), x, gate, kernel_io)
+    if check_kernels(kernels) == "plain":
+        h = _hidden(name, x, gate)[0].reshape(x.shape)
+        return projection(h, kernel, dtype=dtype, kernels="plain")
+    # The kernel's input axes flattened: a reshape that keeps a sharded leading (heads) axis whole.
+    return _gated_projection(name, jnp.dtype(dtype), x, gate, kernel.reshape(-1, kernel.shape[-1]))
 
 
 def _hidden(name: str, x, gate):

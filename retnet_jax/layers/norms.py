@@ -1,12 +1,10 @@
 """Normalisation layers, computed in float32 whatever the activation dtype.
 
-The backward passes are written by hand so that every reduction of a product (`sum(dy * x)` over
-the features for the input gradient, over the tokens for the scale gradient) is a contraction
-(`einsum`). Autodiff of the plain formulas gives XLA:CPU a fused multiply-then-reduce, which it ran
-8x (over the features) to 20x (over the tokens) slower than the same sum as a contraction: measured
-on a 2-core Xeon, jax 0.10.2, `[2048, 512]` float32: 2.9 ms and 8.8 ms against 0.37 ms and 0.39 ms,
-about 6% of a RetNet training step in all. The results are the same function (tested against
-autodiff in float64).
+With `kernels="xla_cpu"` the backward passes are written by hand so that every reduction of a product
+(`sum(dy * x)` over the features for the input gradient, over the tokens for the scale gradient) is
+a contraction (`einsum`): XLA:CPU ran autodiff's fused multiply-then-reduce 8x to 20x slower
+(experiments/PERFORMANCE.md). Same function (tested against autodiff in float64), which
+`kernels="plain"` uses.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retnet_jax.ops.kernels import check_kernels, resolve_kernels
 from retnet_jax.ops.state import accumulation_dtype
 
 
@@ -40,10 +39,16 @@ def _normalise_fwd_impl(x, centre: bool, eps: float):
     return centred * inv_rms, inv_rms
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def normalise(x: jax.Array, centre: bool, eps: float) -> jax.Array:
+def normalise(x: jax.Array, centre: bool, eps: float, *, kernels: str) -> jax.Array:
     """`(x - mean) / sqrt(var + eps)` (`centre`, LayerNorm) or `x / sqrt(mean(x**2) + eps)` (RMSNorm)
     over the last axis, in float32 (at least)."""
+    if check_kernels(kernels) == "plain":
+        return _normalise_fwd_impl(x, centre, eps)[0]
+    return _normalise(x, centre, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalise(x: jax.Array, centre: bool, eps: float) -> jax.Array:
     return _normalise_fwd_impl(x, centre, eps)[0]
 
 
@@ -62,20 +67,31 @@ def _normalise_bwd(centre, eps, residuals, dx_hat):
     return ((inv_rms * along).astype(like.dtype),)
 
 
-normalise.defvjp(_normalise_fwd, _normalise_bwd)
+_normalise.defvjp(_normalise_fwd, _normalise_bwd)
 
 
-@jax.custom_vjp
-def scale_shift(x_hat: jax.Array, scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+def scale_shift(x_hat: jax.Array, scale: jax.Array, bias: jax.Array | None = None, *,
+                kernels: str) -> jax.Array:
     """`x_hat * scale (+ bias)` in float32 (at least); `scale` and `bias` broadcast over the leading
-    axes of `x_hat` (their shape is a suffix of its shape). Parameter gradients as contractions."""
+    axes of `x_hat` (their shape is a suffix of its shape)."""
+    if check_kernels(kernels) == "plain":
+        return _scale_shift_impl(x_hat, scale, bias)
+    return _scale_shift(x_hat, scale, bias)
+
+
+def _scale_shift_impl(x_hat, scale, bias):
     acc = accumulation_dtype(x_hat.dtype)
     y = x_hat.astype(acc) * scale.astype(acc)
     return y if bias is None else y + bias.astype(acc)
 
 
+@jax.custom_vjp
+def _scale_shift(x_hat: jax.Array, scale: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    return _scale_shift_impl(x_hat, scale, bias)
+
+
 def _scale_shift_fwd(x_hat, scale, bias):
-    return scale_shift(x_hat, scale, bias), (x_hat, scale, bias)
+    return _scale_shift(x_hat, scale, bias), (x_hat, scale, bias)
 
 
 def _scale_shift_bwd(residuals, dy):
@@ -88,26 +104,28 @@ def _scale_shift_bwd(residuals, dy):
     return dx_hat, dscale.astype(scale.dtype), dbias
 
 
-scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
+_scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
 
 
 class Norm(nnx.Module):
     """RMSNorm (torchscale 0.3.0: learned scale, no bias) or LayerNorm (scale and bias) over `[..., d]`."""
 
-    def __init__(self, dim: int, kind: str, eps: float, *, dtype, param_dtype):
-        self.kind, self.eps, self.dtype = kind, eps, dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if kind == "layernorm" else None
+    def __init__(self, dim: int, kind: str, eps: float, *, dtype, param_dtype, kernels: str):
+        self.kind, self.eps, self.dtype, self.kernels = kind, eps, dtype, check_kernels(kernels)
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+        self.bias = (nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("norm",))
+                     if kind == "layernorm" else None)
 
     @classmethod
     def for_model(cls, cfg) -> "Norm":
         """The block/final/embedding norm a `RetNetConfig` asks for."""
-        return cls(cfg.d_model, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        return cls(cfg.d_model, cfg.norm, cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                   kernels=resolve_kernels(cfg.kernels))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x_hat = normalise(x, self.kind == "layernorm", self.eps)
+        x_hat = normalise(x, self.kind == "layernorm", self.eps, kernels=self.kernels)
         bias = None if self.bias is None else self.bias[...]
-        return scale_shift(x_hat, self.scale[...], bias).astype(self.dtype)
+        return scale_shift(x_hat, self.scale[...], bias, kernels=self.kernels).astype(self.dtype)
 
 
 class HeadNorm(nnx.Module):
@@ -117,15 +135,16 @@ class HeadNorm(nnx.Module):
     "groupnorm": the paper's GroupNorm with one group per head and a per-channel affine.
     """
 
-    def __init__(self, heads: int, head_dim: int, kind: str, eps: float, *, param_dtype):
-        self.kind, self.eps = kind, eps
+    def __init__(self, heads: int, head_dim: int, kind: str, eps: float, *, param_dtype, kernels: str):
+        self.kind, self.eps, self.kernels = kind, eps, check_kernels(kernels)
         if kind == "groupnorm":
-            self.scale = nnx.Param(jnp.ones((heads, head_dim), param_dtype))
-            self.bias = nnx.Param(jnp.zeros((heads, head_dim), param_dtype))
+            axes = ("norm_heads", "norm")  # small: replicated, each device reads its heads' rows
+            self.scale = nnx.Param(jnp.ones((heads, head_dim), param_dtype), logical_axes=axes)
+            self.bias = nnx.Param(jnp.zeros((heads, head_dim), param_dtype), logical_axes=axes)
 
     def __call__(self, o_bthv: jax.Array) -> jax.Array:
         """`[B, T, H, dv]` -> float32 `[B, T, H, dv]`."""
-        y = normalise(o_bthv, self.kind != "rmsnorm", self.eps)
+        y = normalise(o_bthv, self.kind != "rmsnorm", self.eps, kernels=self.kernels)
         if self.kind == "groupnorm":
-            y = scale_shift(y, self.scale[...], self.bias[...])
+            y = scale_shift(y, self.scale[...], self.bias[...], kernels=self.kernels)
         return y

@@ -2,12 +2,10 @@
 
 T is right-padded to a multiple of the chunk size C and cut afterwards. All chunk-local work (the
 intra-chunk parallel form, each chunk's summary `sum_j gamma**(L-1-j) k~_j^T v_j`, and the read-out
-of the carried state) is done as a few large batched einsums over every chunk of a group of
-~`GROUP_TOKENS` tokens at once (on CPU; other backends: every chunk at once); a `lax.scan` over the
-group's chunks only carries the `[B, H, dk, dv]` state through cheap elementwise updates, and a
-`lax.scan` over groups carries it from group to group. Groups keep the `[B, H, chunks, C, C]`
-scores of one group in cache: with all 32 chunks of 16384 tokens at once (268 MB of scores for 8
-heads) the forward pass took 10x the time of 2048 tokens, in groups 6.5x (2-core Xeon).
+of the carried state) is done as a few large batched einsums over every chunk at once; a `lax.scan`
+over chunks only carries the `[B, H, dk, dv]` state through cheap elementwise updates. With
+`kernels="xla_cpu"` the chunks go in groups of ~`GROUP_TOKENS` tokens (a `lax.scan` over groups), so
+one group's `[B, H, chunks, C, C]` scores stay in cache (experiments/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -18,6 +16,8 @@ import numpy as np
 
 from retnet_jax.ops.causal_block import causal_block
 from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops import kernels as kernels_module
+from retnet_jax.ops.kernels import check_kernels
 from retnet_jax.ops.matmul import matmul_nn, weighted_matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_chunk_size, check_qkv, check_state
@@ -30,12 +30,6 @@ def _to_chunks(x_bhtd: jax.Array, num_chunks: int, chunk: int) -> jax.Array:
     return x_bhtd.reshape(batch, heads, num_chunks, chunk, width)
 
 
-# On CPU, chunks are processed in groups of about this many tokens: all chunks of a group at once
-# (few, large matmuls), the groups one after another (the group's scores stay in cache). Other
-# backends take all chunks at once, as measured nowhere else yet.
-GROUP_TOKENS = 2048
-
-
 def chunkwise_retention(
     q_bthk: jax.Array,
     k_bthk: jax.Array,
@@ -44,13 +38,14 @@ def chunkwise_retention(
     state: RetentionState | None = None,
     *,
     chunk_size: int = 512,
+    kernels: str = "plain",
 ) -> tuple[jax.Array, RetentionState]:
     """Retention over T tokens in chunks of `chunk_size`, continuing from `state`.
 
     Same arguments and results as `parallel_retention` (q, k `[B, T, H, dk]`, v `[B, T, H, dv]`,
-    time on axis 1) plus `chunk_size` (any positive int; T need not be a multiple of it). The forward
-    pass holds the scores of one group of chunks (on CPU about `GROUP_TOKENS * C`; elsewhere T * C,
-    not O(T**2)) and the
+    time on axis 1) plus `chunk_size` (any positive int; T need not be a multiple of it) and
+    `kernels` ("plain" or "xla_cpu"). The forward pass holds the scores of every chunk, T * C (with
+    "xla_cpu", those of one group, about `GROUP_TOKENS * C`), not O(T**2), and the
     state each chunk starts from, `(T / C) * H * dk * dv` (small chunks with wide heads trade one for
     the other); differentiating it stores O(T * C). A chunk size of at least T is the parallel form.
     """
@@ -58,15 +53,16 @@ def chunkwise_retention(
     chunk = min(check_chunk_size(chunk_size), length)
     state = check_state(state, batch, heads, key_dim, value_dim, v_bthv.dtype)
     log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
-    group = max(1, GROUP_TOKENS // chunk) * chunk if jax.default_backend() == "cpu" else length
+    kernels = check_kernels(kernels)
+    group = max(1, kernels_module.GROUP_TOKENS // chunk) * chunk if kernels == "xla_cpu" else length
     if length <= group:
-        return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk)
+        return _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, kernels)
 
     # Whole groups in a scan (one group's scores stay in cache), then the remainder, if any.
     num_groups = length // group
 
     def one_group(state, qkv):
-        out_bthv, state = _chunkwise_group(*qkv, log_decay_h, state, chunk)
+        out_bthv, state = _chunkwise_group(*qkv, log_decay_h, state, chunk, kernels)
         return state, out_bthv
 
     def grouped(x_btd):
@@ -78,12 +74,13 @@ def chunkwise_retention(
     if num_groups * group < length:
         rest = slice(num_groups * group, length)
         out_rest, state = _chunkwise_group(q_bthk[:, rest], k_bthk[:, rest], v_bthv[:, rest],
-                                           log_decay_h, state, min(chunk, length - num_groups * group))
+                                           log_decay_h, state, min(chunk, length - num_groups * group),
+                                           kernels)
         out_bthv = jnp.concatenate([out_bthv, out_rest], axis=1)
     return out_bthv, state
 
 
-def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
+def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk, kernels):
     """`chunkwise_retention` on validated inputs, all chunks at once (batched einsums)."""
     batch, length, heads, _ = q_bthk.shape
     value_dim = v_bthv.shape[-1]
@@ -99,7 +96,7 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
 
     # 1. Inside each chunk: the parallel form with the un-normalised decay mask.
     mask_hij = causal_decay_mask(chunk, log_decay_h)[:, None]
-    numerator_bhniv, row_sum_bhni = causal_block(q_bhnck, k_bhnck, v_bhncv, mask_hij, acc)
+    numerator_bhniv, row_sum_bhni = causal_block(q_bhnck, k_bhnck, v_bhncv, mask_hij, acc, kernels=kernels)
 
     # 2. Each chunk's summary, decayed to its last valid token: gamma**(L-1-j) for j < L, else 0.
     j = jnp.arange(chunk)
@@ -110,7 +107,8 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
     # The keys are weighted inside the products, so the backward pass keeps k (in float32, the very
     # array the in-chunk product keeps; in bf16 a float32 copy, as the weighted copy was before).
     k_bhnjk = k_bhnck.astype(acc)
-    chunk_kv_nbhkv = jnp.moveaxis(weighted_matmul_tn(k_bhnjk, k_weight_hnj, v_bhncv.astype(acc), acc), 2, 0)
+    chunk_kv_nbhkv = jnp.moveaxis(weighted_matmul_tn(
+        k_bhnjk, k_weight_hnj, v_bhncv.astype(acc), acc, kernels=kernels), 2, 0)
     chunk_key_nbhk = jnp.einsum("bhnjk,hnj->nbhk", k_bhnjk, k_weight_hnj)
     chunk_decay_nh = jnp.exp(jnp.asarray(valid_n, acc)[:, None] * log_decay_h)
 
@@ -130,7 +128,7 @@ def _chunkwise_group(q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk):
     q_bhnik = q_bhnck.astype(acc)
     row_decay_hi = decay_powers(j + 1, log_decay_h).T
     numerator_bhniv += row_decay_hi[None, :, None, :, None] * matmul_nn(
-        q_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2), acc)
+        q_bhnik, jnp.moveaxis(kv_prev_nbhkv, 0, 2), acc, kernels=kernels)
     row_sum_bhni += row_decay_hi[None, :, None, :] * jnp.einsum(
         "bhnik,bhnk->bhni", q_bhnik, jnp.moveaxis(key_prev_nbhk, 0, 2))
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retnet_jax.ops.broadcast import sum_to_shape
+from retnet_jax.ops.kernels import check_kernels
 
 
 def official_log_decay(num_heads: int) -> np.ndarray:
@@ -62,26 +63,35 @@ def _causal(scores_nm: jax.Array) -> jax.Array:
     return idx[:, None] >= idx[None, :]
 
 
-@jax.custom_vjp
-def apply_causal_decay(scores_nm: jax.Array, decay_mask_nm: jax.Array) -> jax.Array:
+def apply_causal_decay(scores_nm: jax.Array, decay_mask_nm: jax.Array, *, kernels: str) -> jax.Array:
     """`scores * D` (masks broadcast on the leading axes), future entries set to exactly 0.
 
     A select rather than a multiply by the zeros of `D`, so a non-finite future q or k never reaches
     earlier rows. (A non-finite future *v* still does, through `0 * NaN` in the next matmul: in the
     parallel and chunkwise forms it poisons its block or chunk. The model never feeds them one.)
 
-    The backward pass keeps only the (small, unbroadcast) mask, plus the scores when the mask itself
-    is differentiated. Autodiff of the select kept a full-size boolean pattern and a full-size array
-    of zeros (its other branch): in the scanned layer stack, 20 MB per layer of a 2048-token chunkwise
-    step stored for nothing.
+    With `kernels="xla_cpu"` the backward pass keeps only the (small, unbroadcast) mask, plus the
+    scores when the mask itself is differentiated, not autodiff's full-size boolean pattern and
+    array of zeros.
     """
+    if check_kernels(kernels) == "plain":
+        return _masked_product(scores_nm, decay_mask_nm)
+    return _apply_causal_decay(scores_nm, decay_mask_nm)
+
+
+def _masked_product(scores_nm, decay_mask_nm):
     return jnp.where(_causal(scores_nm), scores_nm * decay_mask_nm, 0.0)
+
+
+@jax.custom_vjp
+def _apply_causal_decay(scores_nm: jax.Array, decay_mask_nm: jax.Array) -> jax.Array:
+    return _masked_product(scores_nm, decay_mask_nm)
 
 
 def _apply_causal_decay_fwd(scores_nm, decay_mask_nm):
     scores, mask = scores_nm.value, decay_mask_nm.value
     like = jnp.zeros((0,), scores.dtype)  # carries the scores' dtype
-    return apply_causal_decay(scores, mask), (mask, scores if decay_mask_nm.perturbed else None, like)
+    return _apply_causal_decay(scores, mask), (mask, scores if decay_mask_nm.perturbed else None, like)
 
 
 def _apply_causal_decay_bwd(residuals, g_nm):
@@ -96,7 +106,7 @@ def _apply_causal_decay_bwd(residuals, g_nm):
     return d_scores, d_mask
 
 
-apply_causal_decay.defvjp(_apply_causal_decay_fwd, _apply_causal_decay_bwd, symbolic_zeros=True)
+_apply_causal_decay.defvjp(_apply_causal_decay_fwd, _apply_causal_decay_bwd, symbolic_zeros=True)
 
 
 def decay_powers(exponents_t: jax.Array, log_decay_h: jax.Array) -> jax.Array:

@@ -8,9 +8,9 @@ in the chunkwise backward pass of a `[2048, 4 heads]` layer, one such fusion too
 produces them (batch, left free, right free), so no transpose follows it. In the benchmark's
 6-layer training step (T=2048, 2-core Xeon, paired runs) that was ~2% of the step.
 
-All three take operands with the same leading (batch) dimensions and accumulate in
-`preferred_element_type` (None: the operands' type). Being `jax.custom_vjp` functions, they are
-differentiable in reverse mode only (`jax.jvp` raises a TypeError).
+All take operands with the same leading (batch) dimensions and accumulate in
+`preferred_element_type` (None: the operands' type). With `kernels="xla_cpu"` they are
+`jax.custom_vjp` functions (reverse mode only); with `kernels="plain"` plain dots.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from retnet_jax.ops.broadcast import sum_to_shape
+from retnet_jax.ops.kernels import check_kernels
 
 
 def _dot(a, b, contract_a: int, contract_b: int, out_dtype):
@@ -73,23 +74,27 @@ def _promoted(a, b):
     return a.astype(dtype), b.astype(dtype)
 
 
-def matmul_nn(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
+def _matmul_by(kernels: str, a, b, a_contracts_last: bool, b_contracts_first: bool,
+               preferred_element_type):
+    a, b = _promoted(a, b)
+    if check_kernels(kernels) == "plain":
+        return _dot(a, b, a.ndim - 2 + a_contracts_last, b.ndim - 1 - b_contracts_first,
+                    preferred_element_type)
+    return _matmul(a, b, a_contracts_last, b_contracts_first, preferred_element_type)
+
+
+def matmul_nn(a: jax.Array, b: jax.Array, preferred_element_type=None, *, kernels: str) -> jax.Array:
     """`[..., i, j] @ [..., j, k] -> [..., i, k]`. Operands are promoted to a common dtype first."""
-    return _matmul(*_promoted(a, b), True, True, preferred_element_type)
+    return _matmul_by(kernels, a, b, True, True, preferred_element_type)
 
 
-def matmul_nt(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
+def matmul_nt(a: jax.Array, b: jax.Array, preferred_element_type=None, *, kernels: str) -> jax.Array:
     """`[..., i, k] @ [..., j, k]^T -> [..., i, j]`. Operands are promoted to a common dtype first."""
-    return _matmul(*_promoted(a, b), True, False, preferred_element_type)
+    return _matmul_by(kernels, a, b, True, False, preferred_element_type)
 
 
-def matmul_tn(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
-    """`[..., j, i]^T @ [..., j, k] -> [..., i, k]`. Operands are promoted to a common dtype first."""
-    return _matmul(*_promoted(a, b), False, True, preferred_element_type)
-
-
-def weighted_matmul_tn(a: jax.Array, weight: jax.Array, b: jax.Array, preferred_element_type=None
-                       ) -> jax.Array:
+def weighted_matmul_tn(a: jax.Array, weight: jax.Array, b: jax.Array, preferred_element_type=None,
+                       *, kernels: str) -> jax.Array:
     """`(weight[..., j, None] * a[..., j, i])^T @ b[..., j, k] -> [..., i, k]`: `matmul_tn` with the
     rows of `a` weighted, `weight` broadcasting against `a.shape[:-1]`.
 
@@ -103,6 +108,8 @@ def weighted_matmul_tn(a: jax.Array, weight: jax.Array, b: jax.Array, preferred_
     if weight.ndim > a.ndim - 1 or any(
             w not in (1, n) for w, n in zip(weight.shape[::-1], a.shape[-2::-1])):
         raise ValueError(f"weight must broadcast against a's rows {a.shape[:-1]}, got {weight.shape}")
+    if check_kernels(kernels) == "plain":
+        return _dot(a * weight.astype(a.dtype)[..., None], b, a.ndim - 2, b.ndim - 2, preferred_element_type)
     return _weighted_matmul_tn(a, weight.astype(a.dtype), b, preferred_element_type)
 
 

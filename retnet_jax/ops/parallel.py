@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from retnet_jax.ops.causal_block import causal_block
 from retnet_jax.ops.decay import causal_decay_mask, decay_powers, normalise_rows
+from retnet_jax.ops.kernels import check_kernels
 from retnet_jax.ops.matmul import matmul_nn, weighted_matmul_tn
 from retnet_jax.ops.state import RetentionState
 from retnet_jax.ops.validation import as_log_decay, check_qkv, check_state
@@ -18,6 +19,8 @@ def parallel_retention(
     v_bthv: jax.Array,
     log_decay_h: jax.Array,
     state: RetentionState | None = None,
+    *,
+    kernels: str = "plain",
 ) -> tuple[jax.Array, RetentionState]:
     """Retention of a whole block of T tokens at once, continuing from `state`.
 
@@ -26,6 +29,7 @@ def parallel_retention(
       v_bthv: values `[B, T, H, dv]`.
       log_decay_h: `log(gamma_h)`, `[H]`.
       state: what earlier tokens left behind (None: start at position 0).
+      kernels: "plain" or "xla_cpu" (`retnet_jax.ops.kernels`).
 
     Returns:
       `o [B, T, H, dv]` in v's dtype, and the state after the T tokens.
@@ -35,6 +39,7 @@ def parallel_retention(
     position of row n. Memory is O(T**2): use `chunkwise_retention` for long sequences.
     """
     batch, length, heads, key_dim, value_dim = check_qkv(q_bthk, k_bthk, v_bthv, log_decay_h)
+    kernels = check_kernels(kernels)
     state = check_state(state, batch, heads, key_dim, value_dim, v_bthv.dtype)
     log_decay_h = as_log_decay(log_decay_h, v_bthv.dtype)
     acc = log_decay_h.dtype
@@ -42,7 +47,7 @@ def parallel_retention(
     # Head-major [B, H, T, d]: the einsums below are plain batched matmuls.
     q_bhnk, k_bhmk, v_bhmv = (jnp.swapaxes(x, 1, 2) for x in (q_bthk, k_bthk, v_bthv))
     mask_hnm = causal_decay_mask(length, log_decay_h)
-    numerator_bhnv, row_sum_bhn = causal_block(q_bhnk, k_bhmk, v_bhmv, mask_hnm, acc)
+    numerator_bhnv, row_sum_bhn = causal_block(q_bhnk, k_bhmk, v_bhmv, mask_hnm, acc, kernels=kernels)
 
     # What the state carries in: gamma**(n+1) q~_n S_prev for block-relative row n.
     t = jnp.arange(length)
@@ -50,7 +55,7 @@ def parallel_retention(
     row_decay_hn = decay_powers(t + 1, log_decay_h).T
     q_bhnk32 = q_bhnk.astype(acc)
     numerator_bnhv = jnp.swapaxes(
-        numerator_bhnv + row_decay_hn[None, :, :, None] * matmul_nn(q_bhnk32, state.kv_bhkv, acc), 1, 2)
+        numerator_bhnv + row_decay_hn[None, :, :, None] * matmul_nn(q_bhnk32, state.kv_bhkv, acc, kernels=kernels), 1, 2)
     row_sum_bnh = jnp.swapaxes(
         row_sum_bhn + row_decay_hn[None] * jnp.einsum("bhnk,bhk->bhn", q_bhnk32, state.key_bhk), 1, 2)
 
@@ -63,7 +68,7 @@ def parallel_retention(
     carry_h = jnp.exp(length * log_decay_h)
     new_state = RetentionState(
         kv_bhkv=carry_h[:, None, None] * state.kv_bhkv
-        + weighted_matmul_tn(k_bhmk32, k_weight_hm, v_bhmv.astype(acc), acc),
+        + weighted_matmul_tn(k_bhmk32, k_weight_hm, v_bhmv.astype(acc), acc, kernels=kernels),
         key_bhk=carry_h[:, None] * state.key_bhk + jnp.einsum("bhmk,hm->bhk", k_bhmk32, k_weight_hm),
         position_b=state.position_b + length,
     )
