@@ -6,6 +6,11 @@ converts a torchscale 0.3.0 RetNet checkpoint (a `RetNetDecoder` state dict, or 
 `{"model": ...}` checkpoint, saved with torch.save or as .safetensors) into OUTDIR/params (an orbax
 checkpoint of the parameters) and OUTDIR/config.json (the RetNetConfig). Read it back with
 `retnet_jax.interop.load_converted(OUTDIR) -> (cfg, model)`.
+
+    retnet-jax tokenizer train --data SOURCE --vocab-size N --out FILE [--model-type bpe|unigram]
+
+trains a SentencePiece model on the lines of SOURCE's train split ("default", a file, folder or glob,
+or "tfds:NAME") and writes it to FILE, for `retnet_jax.data.lm_dataset(..., tokenizer=FILE)`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ def _convert_torchscale(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train_tokenizer(ns: argparse.Namespace) -> int:
+    from retnet_jax.data.tokenizer_training import train_on_source
+
+    tokenizer = train_on_source(ns.data, ns.out, vocab_size=ns.vocab_size, model_type=ns.model_type,
+                                max_lines=ns.max_lines, cache_dir=ns.cache_dir)
+    print(f"trained {tokenizer!r} on the train split of {ns.data!r} -> {ns.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retnet-jax", description="retnet_jax utilities")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="storage dtype of the converted parameters (default: the checkpoint's)")
     convert.add_argument("--force", action="store_true", help="overwrite an existing conversion")
     convert.set_defaults(func=_convert_torchscale)
+
+    tokenizer = commands.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    tokenizer_commands = tokenizer.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = tokenizer_commands.add_parser(
+        "train", help="train a SentencePiece model on a corpus",
+        description="Train a SentencePiece model (exact round trip: no normalisation, byte "
+                    "fallback) on the lines of a source's train split; nothing is downloaded.")
+    train.add_argument("--data", required=True, metavar="SOURCE",
+                       help='"default" (the Python standard library), a text file, folder or '
+                            'glob, or tfds:NAME[/CONFIG][#FEATURE]')
+    train.add_argument("--vocab-size", required=True, type=int, metavar="N")
+    train.add_argument("--out", required=True, metavar="FILE", help="the model file to write")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--max-lines", type=int, default=1_000_000, metavar="N",
+                       help="train on a random sample of at most N lines (default 1,000,000)")
+    train.add_argument("--cache-dir", help="where local text is prepared (default "
+                                           "$RETNET_JAX_CACHE or ~/.cache/retnet_jax)")
+    train.set_defaults(func=_train_tokenizer)
     return parser
 
 
