@@ -116,8 +116,10 @@ def check_split(spec: Source, split: str) -> None:
         raise ValueError(f"split must be one of {LOCAL_SPLITS} for local text, got {split!r}")
 
 
-def open_documents(spec: Source, split: str, cache_dir: str | os.PathLike | None = None) -> Documents:
+def open_documents(source: str | os.PathLike | Source, split: str,
+                   cache_dir: str | os.PathLike | None = None) -> Documents:
     """The documents of `split`, preparing local text into the cache first if it has changed."""
+    spec = parse_source(source)
     check_split(spec, split)
     if isinstance(spec, TfdsDataset):
         return _tfds_documents(spec, split)

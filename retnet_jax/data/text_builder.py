@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
+import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from retnet_jax.data.cache import publish_dir
 
 VALIDATION_BUCKETS = 100  # 1 bucket in 100 is validation: about 1% of the documents
+_log = logging.getLogger(__name__)
 FORMAT = "retnet_jax_text/1.0.0"  # bump when what a prepared folder holds changes
 
 
@@ -96,6 +97,13 @@ class RetnetJaxText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if split_of(key) == split:
                 yield key, {"text": text}
 
+    # TFDS prints "Downloading and preparing ..." banners to stdout; a library call logs instead.
+    def _log_download_bytes(self) -> None:
+        _log.info("preparing the text under %s into %s", self._root, self.data_dir)
+
+    def _log_download_done(self) -> None:
+        _log.info("prepared %s", self.data_dir)
+
 
 def prepare_text(root: Path, files: Sequence[str], per_line: bool, cache: Path) -> Path:
     """The prepared ArrayRecord folder of these files (`tfds.builder_from_directory` reads it).
@@ -107,7 +115,7 @@ def prepare_text(root: Path, files: Sequence[str], per_line: bool, cache: Path) 
 
     def build(tmp: Path) -> None:
         builder = RetnetJaxText(root=root, files=files, per_line=per_line, data_dir=tmp)
-        with _quiet_tfds():
+        with _no_progress_bars():
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         shutil.rmtree(tmp / "downloads", ignore_errors=True)  # TFDS makes it; nothing is downloaded
@@ -117,14 +125,12 @@ def prepare_text(root: Path, files: Sequence[str], per_line: bool, cache: Path) 
 
 
 @contextlib.contextmanager
-def _quiet_tfds():
-    """No progress bars or "Dataset ... prepared" banners while a library call prepares data."""
+def _no_progress_bars():
     from tensorflow_datasets.core.utils import tqdm_utils
 
     shown = getattr(tqdm_utils, "_active", True)  # private, but the public switch cannot restore
     tfds.display_progress_bar(False)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
+        yield
     finally:
         tfds.display_progress_bar(shown)
