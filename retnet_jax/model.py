@@ -88,7 +88,10 @@ class RetNet(nnx.Module):
         # Ids outside the vocabulary can only reach here traced (under jit). Their logits, and those
         # of every later position and call of that sequence, become NaN: never a silent clamp.
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="clip")
+        # The table's width gathered first (as FSDP gathers every weight): a lookup into a table
+        # split on both axes is one XLA's partitioner can only do by replicating it.
+        table_vd = constrain(self.embed[...], ("vocab", None))
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0, mode="clip")
         x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
         if cfg.scale_embedding:
             x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)

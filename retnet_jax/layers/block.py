@@ -9,7 +9,7 @@ from retnet_jax.config import Mode, RetNetConfig
 from retnet_jax.layers.feedforward import FeedForward
 from retnet_jax.layers.norms import Norm
 from retnet_jax.layers.retention import MultiScaleRetention
-from retnet_jax.ops import RetentionState
+from retnet_jax.ops import RetentionState, init_state
 from retnet_jax.sharding import constrain
 
 
@@ -33,6 +33,11 @@ class RetNetBlock(nnx.Module):
             self.retention.out_proj[...] = self.retention.out_proj[...] / shrink
             dk, _, dv, _ = self.retention.piece_sizes  # v_proj: the columns after q and k
             self.retention.qkvg_proj[...] = self.retention.qkvg_proj[...].at[..., 2 * dk:2 * dk + dv].divide(shrink)
+
+    def init_state(self, batch: int, capacity: int | None = None) -> RetentionState:
+        """An empty one-layer state (`capacity` is ignored: retention's state does not grow)."""
+        cfg = self.cfg
+        return init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
 
     def __call__(
         self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int
