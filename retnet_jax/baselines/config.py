@@ -7,16 +7,15 @@ heads, norms, FFN kind and dtypes, and an FFN widened until the parameter counts
 from __future__ import annotations
 
 import dataclasses
-import functools
-import typing
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retnet_jax.config import RetNetConfig
+from retnet_jax.config import RetNetConfig, literal_choices
 from retnet_jax.model import RetNet
+from retnet_jax.ops.kernels import KernelChoice
 
 # Matched FFN widths are rounded to a multiple of this (divisible by tensor-parallel degrees up to 8).
 FFN_MULTIPLE = 8
@@ -46,7 +45,7 @@ class TransformerConfig:
     tie_embeddings: bool = False
     deepnorm: bool = False  # DeepNet post-norm blocks, as RetNet's
     remat: Literal["none", "projections", "full"] = "none"
-    kernels: Literal["auto", "xla_cpu", "plain"] = "auto"
+    kernels: KernelChoice = "auto"  # retnet_jax/ops/kernels.py
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -66,7 +65,7 @@ class TransformerConfig:
             except TypeError as err:
                 raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
                                  f"got {getattr(self, name)!r}") from err
-        for name, allowed in _choices().items():
+        for name, allowed in literal_choices(type(self)).items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -109,15 +108,9 @@ def matched_ffn_dim(tcfg: TransformerConfig, cfg: RetNetConfig) -> int:
     per_unit = tcfg.replace(ffn_dim=2).parameter_count - base
     exact = (target - base) / per_unit + 1
     for width in (FFN_MULTIPLE * round(exact / FFN_MULTIPLE), round(exact)):
-        if width >= 1 and abs(tcfg.replace(ffn_dim=width).parameter_count - target) <= SIZE_TOLERANCE * target:
+        if width >= 1 and abs(tcfg.replace(ffn_dim=width).parameter_count - target) <= (
+                SIZE_TOLERANCE * target):
             return width
     raise ValueError(f"no FFN width matches the RetNet's {target} parameters within "
                      f"{SIZE_TOLERANCE:.0%} (attention and embeddings alone differ too much); pass ffn_dim")
 
-
-@functools.cache
-def _choices() -> dict[str, tuple]:
-    """Allowed values of every `Literal` field, read from the annotations."""
-    hints = typing.get_type_hints(TransformerConfig)
-    return {name: typing.get_args(hint) for name, hint in hints.items()
-            if typing.get_origin(hint) is Literal}
