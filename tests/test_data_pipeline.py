@@ -152,6 +152,20 @@ def test_state_restores_the_same_batches_in_a_fresh_process(corpus, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "rows.npy"), expected)
 
 
+def test_state_resumes_over_the_same_text_prepared_elsewhere(corpus, tmp_path):
+    """Another host: its own copy of the files and its own cache, the same tokens."""
+    folder, cache = corpus
+    copy = write_corpus(tmp_path / "elsewhere")  # same names and text, new paths and file times
+    kwargs = dict(seq_len=SEQ_LEN, batch_size=4, seed=4)
+    it = lm_dataset(folder, "train", cache_dir=cache, **kwargs)
+    draw(it, 5)
+    state = it.get_state()
+    expected = rows(draw(it, 5))
+    restored = lm_dataset(str(copy), "train", cache_dir=tmp_path / "cache", **kwargs)
+    restored.set_state(state)
+    np.testing.assert_array_equal(rows(draw(restored, 5)), expected)
+
+
 def test_state_of_a_different_pipeline_is_refused(corpus):
     folder, cache = corpus
     state = lm_dataset(folder, "train", seq_len=SEQ_LEN, batch_size=4, cache_dir=cache).get_state()

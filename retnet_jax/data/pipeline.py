@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import os
+import weakref
 from typing import Any
 
 import grain
@@ -49,15 +50,20 @@ class WindowBatch:
 class LMIterator:
     """Batches `{"inputs", "targets"}` (int32 [batch_size // process_count, seq_len]), resumable.
 
-    `get_state()` is a small JSON-serialisable dict; `set_state` of it on an iterator built with the
-    same source, split, tokenizer, seq_len, batch_size and seed continues with the same batches (the
-    process index and count may differ: the state counts global batches).
+    `get_state()` is a small JSON-serialisable dict; `set_state` of it on an iterator built over the
+    same tokens (same text and tokenizer, prepared anywhere) with the same split, seq_len, batch_size,
+    seed and worker_count continues with the same batches. The process index and count may differ:
+    the state counts global batches.
     """
 
     def __init__(self, iterator, *, signature: dict[str, Any], tokenizer: Tokenizer,
                  num_windows: int, batches_per_epoch: int):
         self._iterator = iterator
         self._signature = signature
+        self._from_workers = signature["worker_count"] > 0
+        # Close grain's threads and worker processes at exit while modules still exist (from
+        # __del__ during interpreter teardown, grain raises and leaks shared memory).
+        self._closer = weakref.finalize(self, iterator.close)
         self.tokenizer = tokenizer
         self.num_windows = num_windows
         self.batches_per_epoch = batches_per_epoch
@@ -66,7 +72,14 @@ class LMIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        batch = next(self._iterator)
+        if self._from_workers:  # plain arrays, so grain's shared memory is freed at once
+            batch = {name: np.array(x) for name, x in batch.items()}
+        return batch
+
+    def close(self) -> None:
+        """Stop reading ahead (threads, worker processes); the iterator is done after this."""
+        self._closer()
 
     def get_state(self) -> dict[str, Any]:
         return {"pipeline": dict(self._signature), "grain": self._iterator.get_state()}
@@ -133,9 +146,10 @@ def lm_dataset(
     if worker_count:
         _allow_grain_workers()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    signature = {"documents": documents.fingerprint, "tokenizer": tokenizer.fingerprint,
-                 "split": split, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
-                 "worker_count": worker_count}
+    # What the saved position means: the same tokens, windows, batches and order. Content, not
+    # paths or file times, so a state saved on one host resumes on another with the same data.
+    signature = {"tokens": stream.digest, "split": split, "seq_len": seq_len,
+                 "batch_size": batch_size, "seed": seed, "worker_count": worker_count}
     return LMIterator(iter(batches), signature=signature, tokenizer=tokenizer,
                       num_windows=num_windows, batches_per_epoch=num_windows // batch_size)
 
