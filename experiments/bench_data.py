@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.vocab_size, args.seconds, args.rounds = 1000, 0.3, 2
 
+    load_start = os.getloadavg()[0]  # the machine is shared: a loaded CPU slows every number here
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
         model = Path(tmp) / f"stdlib_bpe{args.vocab_size}.model"
@@ -111,7 +112,8 @@ def main(argv=None) -> int:
                               "default", split, tokenizer=model, cache_dir=cache).tokens}
                   for split in ("train", "validation")}
 
-    result = {"machine": machine(), "seq_len": args.seq_len, "batch_size": args.batch_size,
+    result = {"machine": machine(), "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+              "seq_len": args.seq_len, "batch_size": args.batch_size,
               "vocab_size": args.vocab_size, "preparation_s": prep, "throughput": rates,
               "default_corpus": corpus, "quick": args.quick}
     print_table(result)
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
 def print_table(result: dict) -> None:
     m = result["machine"]
     print(f"{m['cpu']}, {m['cores']} cores, Python {m['python']}: default corpus = {m['stdlib']}")
+    print(f"load average (1 min) at start and end: {result['load_average_1min']['start']:.1f}, "
+          f"{result['load_average_1min']['end']:.1f}")
     print("\none-time preparation (from an empty cache)")
     for name, seconds in result["preparation_s"].items():
         print(f"  {name:<24} {seconds:8.2f} s")

@@ -20,8 +20,9 @@ import tensorflow_datasets as tfds
 
 from retnet_jax.data.cache import publish_dir
 
-VALIDATION_BUCKETS = 100  # 1 bucket in 100 is validation: about 1% of the documents
 _log = logging.getLogger(__name__)
+
+VALIDATION_BUCKETS = 100  # 1 bucket in 100 is validation: about 1% of the documents
 FORMAT = "retnet_jax_text/1.0.0"  # bump when what a prepared folder holds changes
 
 
@@ -36,17 +37,19 @@ def read_text(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def documents(root: Path, files: Sequence[str], per_line: bool) -> Iterator[tuple[str, str]]:
-    """`(key, text)` of every non-blank document of `files` (paths relative to `root`), in order."""
+def documents(root: Path, files: Sequence[str], per_line: bool,
+              split: str | None = None) -> Iterator[tuple[str, str]]:
+    """`(key, text)` of every non-blank document of `files` (relative to `root`) in `split` (None:
+    all), in order. Whole-file documents are split by name, so only that split's files are read."""
     for relative in files:
-        text = read_text(root / relative)
         if not per_line:
-            if text.strip():
+            if split in (None, split_of(relative)) and (text := read_text(root / relative)).strip():
                 yield relative, text
             continue
-        for number, line in enumerate(text.split("\n")):
-            if line.strip():
-                yield f"{relative}:{number}", line
+        for number, line in enumerate(read_text(root / relative).split("\n")):
+            key = f"{relative}:{number}"
+            if split in (None, split_of(key)) and line.strip():
+                yield key, line
 
 
 def fingerprint(root: Path, files: Sequence[str], per_line: bool) -> str:
@@ -93,9 +96,8 @@ class RetnetJaxText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(split) for split in sorted(seen)}
 
     def _generate_examples(self, split: str):
-        for key, text in documents(self._root, self._files, self._per_line):
-            if split_of(key) == split:
-                yield key, {"text": text}
+        for key, text in documents(self._root, self._files, self._per_line, split):
+            yield key, {"text": text}
 
     # TFDS prints "Downloading and preparing ..." banners to stdout; a library call logs instead.
     def _log_download_bytes(self) -> None:
