@@ -109,18 +109,22 @@ def random_qkv(seed: int, batch: int, length: int, heads: int, key_dim: int, val
 
 # Jitted once per shape and dtype (eager einsums recompile per call and are ~5x slower to test).
 _JITTED = {
-    "parallel": jax.jit(parallel_retention),
-    "chunkwise": jax.jit(chunkwise_retention, static_argnames="chunk_size"),
+    "parallel": jax.jit(parallel_retention, static_argnames="kernels"),
+    "chunkwise": jax.jit(chunkwise_retention, static_argnames=("chunk_size", "kernels")),
     "recurrent": jax.jit(recurrent_retention),
     "step": jax.jit(retention_step),
 }
 
 
-def run_form(form: str, q, k, v, log_decay_h, state=None, *, chunk_size: int = 4):
-    """Run one retention form by name (jitted); "step" loops `retention_step` over time."""
+def run_form(form: str, q, k, v, log_decay_h, state=None, *, chunk_size: int = 4,
+             kernels: str = "plain"):
+    """Run one retention form by name (jitted); "step" loops `retention_step` over time. `kernels`
+    applies to the parallel and chunkwise forms (the others have one code path)."""
     if form == "chunkwise":
-        return _JITTED[form](q, k, v, log_decay_h, state, chunk_size=chunk_size)
-    if form in ("parallel", "recurrent"):
+        return _JITTED[form](q, k, v, log_decay_h, state, chunk_size=chunk_size, kernels=kernels)
+    if form == "parallel":
+        return _JITTED[form](q, k, v, log_decay_h, state, kernels=kernels)
+    if form == "recurrent":
         return _JITTED[form](q, k, v, log_decay_h, state)
     if form == "step":
         outs = []

@@ -1,10 +1,10 @@
-"""`activation(name, x, gate)` (a backward pass that recomputes the activation instead of storing
-its intermediates) is the same function as autodiff of the textbook formulas.
+"""`value_and_slope(name, x)` gives an activation and its derivative, which `gated_projection`'s
+"xla_cpu" backward pass uses instead of storing autodiff's intermediates.
 
-Oracle: `jax.nn.gelu(x, approximate=False) * gate` and `jax.nn.swish(x) * gate` and their `jax.grad`,
-in float64, where both sides agree to ~1e-16 (ours evaluates gelu with erf, jax with erfc; both are
-accurate to float64 rounding); tolerance 1e-12. In float32 the same holds to 1e-6 (measured ~2e-7:
-erf and erfc round differently).
+Oracles, in float64 (both sides agree to ~1e-16; tolerance 1e-12):
+- the value: `jax.nn.gelu(x, approximate=False)` and `jax.nn.swish(x)` (ours evaluates gelu with erf,
+  jax with erfc; both are accurate to float64 rounding);
+- the slope: `jax.grad` of our own value, elementwise.
 """
 
 from __future__ import annotations
@@ -15,55 +15,44 @@ import numpy as np
 import pytest
 from conftest import assert_relative_close, precision
 
-from retnet_jax.layers.activations import activation
+from retnet_jax.layers.activations import ACTIVATIONS, value_and_slope
+from retnet_jax.layers.gated_projection import gated_projection
+from retnet_jax.ops.kernels import RESOLVED_KERNELS
 
-PLAIN = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "swish": jax.nn.swish}
-
-
-def _inputs(dtype, shape=(3, 5, 64)):
-    rng = np.random.default_rng(0)
-    x, gate, dy = (jnp.asarray(rng.standard_normal(shape) * 3, dtype) for _ in range(3))
-    return x, gate, dy
+TEXTBOOK = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "swish": jax.nn.swish}
 
 
-@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-6)], ids=["float64", "float32"])
-@pytest.mark.parametrize("name", ["gelu", "swish"])
-@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_activation_and_its_gradients_equal_autodiff_of_the_formula(dtype, tol, name, gated):
-    with precision(dtype):
-        x, gate, dy = _inputs(dtype)
-        if not gated:
-            gate = None
-
-        def ours(x, gate):
-            return jnp.sum(activation(name, x, gate) * dy)
-
-        def plain(x, gate):
-            return jnp.sum(PLAIN[name](x) * (1.0 if gate is None else gate) * dy)
-
-        assert activation(name, x, gate).dtype == dtype
-        assert_relative_close(activation(name, x, gate), PLAIN[name](x) * (1.0 if gate is None else gate), tol)
-        argnums = (0, 1) if gated else (0,)
-        for got, expected in zip(jax.grad(ours, argnums)(x, gate), jax.grad(plain, argnums)(x, gate)):
-            assert got.dtype == expected.dtype == dtype
-            assert_relative_close(got, expected, tol)
+def _x(dtype, shape=(3, 5, 64)):
+    return jnp.asarray(np.random.default_rng(0).standard_normal(shape) * 3, dtype)
 
 
-def test_bf16_input_is_computed_in_float32_and_returned_in_bf16():
-    """The gate of retention is bf16 in a bf16 model and the heads float32: the product is taken in
-    float32 (no double rounding), returned in the dtype of `x`."""
-    x, gate, _ = _inputs(np.float32)
-    got = activation("swish", x.astype(jnp.bfloat16), gate)
-    expected = jax.nn.swish(x.astype(jnp.bfloat16).astype(jnp.float32)) * gate
-    assert got.dtype == jnp.bfloat16
-    assert_relative_close(got.astype(jnp.float32), expected.astype(jnp.bfloat16).astype(jnp.float32), 0)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_value_is_the_textbook_activation_float64(name):
+    with precision(np.float64):
+        x = _x(np.float64)
+        assert_relative_close(value_and_slope(name, x)[0], TEXTBOOK[name](x), 1e-12)
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [(dict(name="relu"), "activation must be one of"), (dict(gate=jnp.ones((2, 3))), "gate must have the shape")],
-)
-def test_bad_arguments_name_themselves(kwargs, message):
-    args = dict(name="gelu", x=jnp.ones((3, 2)), gate=None) | kwargs
-    with pytest.raises(ValueError, match=message):
-        activation(args["name"], args["x"], args["gate"])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_slope_is_the_derivative_of_the_value_float64(name):
+    with precision(np.float64):
+        x = _x(np.float64)
+        autodiff = jax.vmap(jax.grad(lambda x: value_and_slope(name, x)[0]))(x.ravel()).reshape(x.shape)
+        assert_relative_close(value_and_slope(name, x)[1], autodiff, 1e-12)
+
+
+@pytest.mark.parametrize("kernels", RESOLVED_KERNELS)
+def test_bf16_activation_times_float32_gate_is_rounded_once_to_bf16(kernels):
+    """Retention's output gate in a bf16 model is bf16 and the normalised heads float32: the product
+    `swish(x) * heads` is taken in float32 and rounded once to x's dtype (no double rounding), as
+    `gated_projection` hands it to the matmul. Read through an identity kernel, the result is that
+    bf16 product exactly."""
+    x, gate = _x(jnp.bfloat16, (2, 5, 8)), _x(np.float32, (2, 5, 8)) / 3
+    got = gated_projection("swish", x, gate, jnp.eye(8), jnp.float32, kernels=kernels)
+    expected = (jax.nn.swish(x.astype(jnp.float32)) * gate).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected, np.float32))
+
+
+def test_an_unknown_activation_names_the_choices():
+    with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'swish'\)"):
+        value_and_slope("relu", jnp.ones(3))

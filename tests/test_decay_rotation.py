@@ -270,10 +270,10 @@ def test_torchscale_schedule_is_official_rounded_through_float32():
 
 
 @pytest.mark.parametrize("mask_differentiated", [False, True], ids=["scores-only", "scores-and-mask"])
-def test_apply_causal_decay_gradients_equal_autodiff_of_the_select(mask_differentiated):
-    """`apply_causal_decay`'s backward pass (it keeps only the small mask, plus the scores when the
-    mask is differentiated) against `jax.grad` of the plain `where(causal, scores * D, 0)`, float64:
-    the same products in the same order, so the results agree exactly."""
+def test_apply_causal_decay_xla_cpu_gradients_equal_plain_autodiff(mask_differentiated):
+    """`apply_causal_decay`'s "xla_cpu" backward pass (it keeps only the small mask, plus the scores
+    when the mask is differentiated) against `jax.grad` of the "plain" `where(causal, scores * D, 0)`,
+    float64: the same products in the same order, so the results agree exactly."""
     with precision(np.float64):
         rng = np.random.default_rng(3)
         scores = jnp.asarray(rng.standard_normal((2, 3, 4, 9, 9)))
@@ -281,15 +281,13 @@ def test_apply_causal_decay_gradients_equal_autodiff_of_the_select(mask_differen
         log_decay_h = jnp.asarray(official_log_decay(3), jnp.float64)
         causal = np.tril(np.ones((9, 9), bool))
 
-        def loss(fn, scores, log_decay_h):
-            return jnp.sum(fn(scores, causal_decay_mask(9, log_decay_h)[:, None]) * cot)
-
-        def plain(s, mask):
-            return jnp.where(causal, s * mask, 0.0)
+        def loss(kernels):
+            return lambda scores, log_decay_h: jnp.sum(apply_causal_decay(
+                scores, causal_decay_mask(9, log_decay_h)[:, None], kernels=kernels) * cot)
 
         argnums = (0, 1) if mask_differentiated else (0,)
-        got = jax.grad(lambda *a: loss(apply_causal_decay, *a), argnums)(scores, log_decay_h)
-        expected = jax.grad(lambda *a: loss(plain, *a), argnums)(scores, log_decay_h)
+        got = jax.grad(loss("xla_cpu"), argnums)(scores, log_decay_h)
+        expected = jax.grad(loss("plain"), argnums)(scores, log_decay_h)
         for g, e in zip(got, expected):
             assert_relative_close(g, e, 1e-14)
         # The future stays exactly zero, in the value and in the scores' gradient.

@@ -24,6 +24,7 @@ from flax import nnx
 
 from retnet_jax import RetNet, RetNetConfig
 from retnet_jax.layers.fused import fused_projection, projection, unembed
+from retnet_jax.ops.kernels import RESOLVED_KERNELS
 
 LENGTH, CHUNK = 10, 4
 TOL32 = 1e-5
@@ -109,6 +110,24 @@ def test_state_has_a_layer_axis_and_counts_positions(tiny_cfg, tiny_model, tiny_
     chex.assert_trees_all_equal(empty.position_b, jnp.zeros((layers, 2), jnp.int32))
 
 
+def test_init_state_ignores_a_capacity(tiny_model):
+    """`init_state(batch, capacity)` is the Transformer baseline's call; a retention state does not
+    grow, so the capacity changes nothing."""
+    chex.assert_trees_all_equal(tiny_model.init_state(2, capacity=64), tiny_model.init_state(2))
+
+
+def test_last_only_returns_the_last_positions_logits_and_the_same_state(tiny_model, tiny_apply, tokens):
+    """Given `last_only=True` (a prefill needs no more), then logits are `[B, 1, vocab]`, equal to the
+    last row of the full logits, and the state is the full call's (float32, 1e-5: another program)."""
+    graphdef, params = nnx.split(tiny_model)
+    logits, state = jax.jit(lambda p, t: nnx.merge(graphdef, p)(
+        t, mode="chunkwise", chunk_size=CHUNK, last_only=True))(params, tokens)
+    reference, reference_state = tiny_apply(tokens, mode="chunkwise", chunk_size=CHUNK)
+    chex.assert_shape(logits, (2, 1, tiny_model.cfg.vocab_size))
+    assert_relative_close(logits, reference[:, -1:], TOL32)
+    assert_states_close(state, reference_state, TOL32)
+
+
 def test_jit_over_nnx_split_state(tiny_model, tiny_apply, tokens):
     """Given `graphdef, state = nnx.split(model)`, when `jax.jit(lambda s, t: nnx.merge(graphdef,
     s)(t, mode="chunkwise"))` is called, then it returns the parallel logits (float32, 1e-5) and
@@ -178,55 +197,85 @@ def test_parameter_gradients_agree_between_parallel_and_chunkwise_modes(tiny_mod
         assert_relative_close(g_chunkwise, g_parallel, TOL32)
 
 
-@pytest.mark.parametrize("used", [(0, 1, 2), (1,)], ids=["all-outputs", "one-output"])
-def test_fused_projection_backward_equals_plain_slicing(used):
-    """`fused_projection`'s custom VJP (one concatenated cotangent, two matmuls) gives the gradients
-    of the plain `einsum` + slice it replaces, w.r.t. both x and the kernel, also when some outputs
-    are unused (zero cotangents). float32, 1e-6: the same products summed in the same order, measured ~1e-7."""
+# (kernel shape, piece sizes, cut axis): retention's q, k, v, g `[d, H, 2dk + 2dv]` and the GLU
+# feed-forward's fc1 and gate `[d, 2, ffn]`.
+FUSED_LAYOUTS = {
+    "qkvg": ((8, 3, 2 * 4 + 2 * 6), (4, 4, 6, 6), -1),
+    "ffn-in": ((8, 2, 5), (1, 1), -2),
+}
+
+
+def _fused_inputs(layout):
+    shape, sizes, axis = FUSED_LAYOUTS[layout]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((8, 3, 6)), jnp.float32)
-    weights = jnp.asarray(rng.standard_normal((3, 2, 5, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return x, kernel, sizes, axis
 
-    def fused(x, kernel):
-        outs = fused_projection(x, kernel, dtype=jnp.float32)
-        return sum(jnp.sum(outs[i] * weights[i]) for i in used)
 
-    def plain(x, kernel):
-        y = jnp.einsum("btd,dse->btse", x, kernel)
-        return sum(jnp.sum(y[:, :, i] * weights[i]) for i in used)
+@pytest.mark.parametrize("kernels", RESOLVED_KERNELS)
+@pytest.mark.parametrize("layout", list(FUSED_LAYOUTS))
+def test_fused_projection_is_one_product_cut_into_pieces(layout, kernels):
+    """`fused_projection(x, W, sizes, axis)` returns `einsum(x, W)` cut along `axis` into pieces of
+    `sizes` (float32, 1e-6: the same products, measured bit-equal on XLA:CPU)."""
+    x, kernel, sizes, axis = _fused_inputs(layout)
+    pieces = fused_projection(x, kernel, sizes, axis=axis, dtype=jnp.float32, kernels=kernels)
+    product = jnp.einsum("btd,d...->bt...", x, kernel)
+    expected = jnp.split(product, np.cumsum(sizes)[:-1], axis=axis)
+    assert len(pieces) == len(sizes)
+    for got, want in zip(pieces, expected):
+        assert_relative_close(got, want, 1e-6)
 
-    got = jax.grad(fused, argnums=(0, 1))(x, kernel)
-    expected = jax.grad(plain, argnums=(0, 1))(x, kernel)
+
+@pytest.mark.parametrize("used", ["all", "one"], ids=["all-outputs", "one-output"])
+@pytest.mark.parametrize("layout", list(FUSED_LAYOUTS))
+def test_fused_projection_xla_cpu_gradients_equal_plain_autodiff(layout, used):
+    """`fused_projection`'s "xla_cpu" VJP (one concatenated cotangent, two matmuls) gives the gradients
+    of the "plain" product and slices w.r.t. x and the kernel, also when some pieces are unused (zero
+    cotangents). float32, 1e-6: the same products, summed in another order (measured ~1e-7)."""
+    x, kernel, sizes, axis = _fused_inputs(layout)
+    rng = np.random.default_rng(1)
+    pieces = fused_projection(x, kernel, sizes, axis=axis, dtype=jnp.float32, kernels="plain")
+    weights = [jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for p in pieces]
+    used = range(len(sizes)) if used == "all" else (1,)
+
+    def loss(kernels):
+        def fn(x, kernel):
+            pieces = fused_projection(x, kernel, sizes, axis=axis, dtype=jnp.float32, kernels=kernels)
+            return sum(jnp.sum(pieces[i] * weights[i]) for i in used)
+        return fn
+
+    got = jax.grad(loss("xla_cpu"), argnums=(0, 1))(x, kernel)
+    expected = jax.grad(loss("plain"), argnums=(0, 1))(x, kernel)
     for g, e in zip(got, expected):
         assert_relative_close(g, e, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_projection_and_unembedding_backward_equal_autodiff_of_the_plain_matmul(dtype):
-    """`projection` (`x @ W`) and `unembed` (float32 logits `x @ E^T`) have hand-written VJPs (the
-    table gradient as `[d, V]`, then transposed); their gradients w.r.t. x and the weight equal those
-    of the plain matmul under autodiff. float32 1e-6 (the same products, summed in a different
-    order: measured ~1e-7); bfloat16 2e-2 (bf16 inputs and cotangent, 8 mantissa bits)."""
+def test_projection_and_unembedding_xla_cpu_gradients_equal_plain_autodiff(dtype):
+    """`projection` (`x @ W`, here retention's output kernel `[H, dv, d]`) and `unembed` (float32 logits
+    `x @ E^T`) have "xla_cpu" VJPs (dW with the narrower side as rows, the table gradient as `[d, V]`
+    then transposed); their gradients w.r.t. x and the weights, in the weights' dtypes, equal the
+    "plain" autodiff ones. float32 1e-6 (the same products, summed in another order: measured
+    ~1e-7); bfloat16 2e-2 (bf16 inputs and cotangent, 8 mantissa bits)."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 5, 8)), dtype)
-    kernel = jnp.asarray(rng.standard_normal((8, 6)), dtype)
-    table = jnp.asarray(rng.standard_normal((11, 8)), dtype)
+    x = jnp.asarray(rng.standard_normal((2, 5, 3, 4)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 4, 6)), dtype)
+    table = jnp.asarray(rng.standard_normal((11, 12)), dtype)
     w_out = jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
     w_logit = jnp.asarray(rng.standard_normal((2, 5, 11)), jnp.float32)
 
-    def ours(x, kernel, table):
-        y = projection(x, kernel, dtype).astype(jnp.float32)
-        return jnp.sum(y * w_out) + jnp.sum(unembed(x, table, dtype) * w_logit)
-
-    def plain(x, kernel, table):
-        y = (x @ kernel).astype(jnp.float32)
-        logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
-        return jnp.sum(y * w_out) + jnp.sum(logits * w_logit)
+    def loss(kernels):
+        def fn(x, kernel, table):
+            y = projection(x, kernel, dtype=dtype, kernels=kernels).astype(jnp.float32)
+            logits = unembed(x.reshape(2, 5, 12), table, dtype, kernels=kernels)
+            assert logits.dtype == jnp.float32
+            return jnp.sum(y * w_out) + jnp.sum(logits * w_logit)
+        return fn
 
     tol = 1e-6 if dtype == jnp.float32 else 2e-2
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, kernel, table)
-    expected = jax.jit(jax.grad(plain, argnums=(0, 1, 2)))(x, kernel, table)
+    got = jax.jit(jax.grad(loss("xla_cpu"), argnums=(0, 1, 2)))(x, kernel, table)
+    expected = jax.jit(jax.grad(loss("plain"), argnums=(0, 1, 2)))(x, kernel, table)
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype == dtype
         assert_relative_close(g.astype(jnp.float32), e.astype(jnp.float32), tol)
@@ -310,9 +359,12 @@ def test_variants_change_the_function(tokens):
 def test_deepnorm_shrinks_fc1_fc2_out_proj_and_v_proj_at_init():
     """SPEC section 5: with deepnorm and the same seed, fc1, fc2, out_proj and v_proj start divided
     by (8L)**0.25; the FFN gate, q, k and g are untouched (bit-exact comparisons but for the one
-    float32 division: rtol 2**-23)."""
+    float32 division: rtol 2**-23). `qkvg_proj [L, d, H, 2dk + 2dv]` holds q, k, v, g per head."""
     plain, deep = variant_model("tiny"), variant_model("deepnorm")
     shrink = (8.0 * plain.cfg.n_layers) ** 0.25
+    dk, dv = plain.cfg.key_head_dim, plain.cfg.value_head_dim
+    v_columns = np.zeros(2 * dk + 2 * dv, bool)
+    v_columns[2 * dk:2 * dk + dv] = True
 
     def close(a, b):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2.0**-23)
@@ -321,10 +373,9 @@ def test_deepnorm_shrinks_fc1_fc2_out_proj_and_v_proj_at_init():
     close(deep.blocks.ffn.in_proj[...][..., 1, :], plain.blocks.ffn.in_proj[...][..., 1, :])
     close(deep.blocks.ffn.out_proj[...], plain.blocks.ffn.out_proj[...] / shrink)
     close(deep.blocks.retention.out_proj[...], plain.blocks.retention.out_proj[...] / shrink)
-    close(deep.blocks.retention.vg_proj[...][..., 0, :],
-          plain.blocks.retention.vg_proj[...][..., 0, :] / shrink)
-    close(deep.blocks.retention.vg_proj[...][..., 1, :], plain.blocks.retention.vg_proj[...][..., 1, :])
-    close(deep.blocks.retention.qk_proj[...], plain.blocks.retention.qk_proj[...])
+    deep_qkvg, plain_qkvg = deep.blocks.retention.qkvg_proj[...], plain.blocks.retention.qkvg_proj[...]
+    close(deep_qkvg[..., v_columns], plain_qkvg[..., v_columns] / shrink)
+    close(deep_qkvg[..., ~v_columns], plain_qkvg[..., ~v_columns])
 
 
 def test_bf16_model_runs_finite_and_near_float32(tiny_apply, tiny_bf16_apply, tokens):

@@ -272,21 +272,21 @@ def test_empty_state_equals_no_state():
 
 @pytest.mark.parametrize("length", [13, 20, 24])
 def test_chunkwise_in_groups_of_chunks_is_the_same_function(monkeypatch, length):
-    """Given groups of 2 chunks of 3 tokens (`GROUP_TOKENS` lowered from 2048 so small inputs take
-    the grouped path: a scan over whole groups, then the remainder, if any), when the chunkwise form
-    continues from a state (rows at positions 3 and 9), then outputs, state and the gradients of
-    sum(o * w) equal the parallel form's (float64, 1e-10 and 1e-8 as above)."""
-    from retnet_jax.ops import chunkwise as chunkwise_module
+    """Given groups of 2 chunks of 3 tokens (`kernels="xla_cpu"`, with `GROUP_TOKENS` lowered from
+    2048 so small inputs take the grouped path: a scan over whole groups, then the remainder, if any),
+    when the chunkwise form continues from a state (rows at positions 3 and 9), then outputs, state
+    and the gradients of sum(o * w) equal the parallel form's (float64, 1e-10 and 1e-8 as above)."""
+    from retnet_jax.ops import chunkwise_retention, kernels
 
-    monkeypatch.setattr(chunkwise_module, "GROUP_TOKENS", 7)  # -> groups of 2 * 3 = 6 tokens
+    monkeypatch.setattr(kernels, "GROUP_TOKENS", 7)  # -> groups of 2 * 3 = 6 tokens
     with precision(jnp.float64):
         q, k, v = random_qkv(11, 2, length, HEADS, KEY_DIM, VALUE_DIM, jnp.float64)
         pq, pk, pv = random_qkv(12, 2, 9, HEADS, KEY_DIM, VALUE_DIM, jnp.float64)
         state = concat_states([run_form("parallel", pq[i:i + 1, :n], pk[i:i + 1, :n], pv[i:i + 1, :n],
                                         log_decay_h())[1] for i, n in enumerate((3, 9))])
         w = jnp.asarray(np.random.default_rng(1).standard_normal(v.shape))
-        grouped = jax.jit(lambda q, k, v: chunkwise_module.chunkwise_retention(
-            q, k, v, log_decay_h(), state, chunk_size=3))
+        grouped = jax.jit(lambda q, k, v: chunkwise_retention(
+            q, k, v, log_decay_h(), state, chunk_size=3, kernels="xla_cpu"))
         out, new_state = grouped(q, k, v)
         reference, reference_state = run_form("parallel", q, k, v, log_decay_h(), state)
         assert_relative_close(out, reference, TOL[jnp.float64])
@@ -300,3 +300,71 @@ def test_chunkwise_in_groups_of_chunks_is_the_same_function(monkeypatch, length)
             "parallel", q, k, v, log_decay_h(), state)), argnums=(0, 1, 2))(q, k, v)
         for g, g_ref in zip(grads, reference_grads):
             assert_relative_close(g, g_ref, 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel choices (retnet_jax/ops/kernels.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]])
+@pytest.mark.parametrize("form", ["parallel", "chunkwise"])
+def test_xla_cpu_kernels_give_the_plain_outputs_states_and_gradients(form, case):
+    """Given the same inputs and state, when a form runs with `kernels="xla_cpu"` (hand-written
+    backward passes) and with `kernels="plain"` (autodiff, the oracle), then outputs, returned
+    states and the gradients of a random linear function of both w.r.t. q, k, v and the incoming
+    state's sums agree (float64, 1e-10 as above: only summation orders differ)."""
+    dtype = jnp.float64
+    with precision(dtype):
+        (q, k, v), state, _ = make_case(case, dtype)
+        state = init_state(case.batch, HEADS, KEY_DIM, VALUE_DIM) if state is None else state
+        rng = np.random.default_rng(0)
+        w_out, w_kv, w_key = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in (
+            v.shape, state.kv_bhkv.shape, state.key_bhk.shape))
+
+        def run(kernels):
+            def fn(q, k, v, kv, key):
+                out, new = run_form(form, q, k, v, log_decay_h(), state._replace(kv_bhkv=kv, key_bhk=key),
+                                    chunk_size=case.chunk, kernels=kernels)
+                return jnp.sum(out * w_out) + jnp.sum(new.kv_bhkv * w_kv) + jnp.sum(new.key_bhk * w_key)
+            return fn
+
+        primals = (q, k, v, state.kv_bhkv, state.key_bhk)
+        (out, new_state), (reference, reference_state) = (
+            run_form(form, q, k, v, log_decay_h(), state, chunk_size=case.chunk, kernels=kernels)
+            for kernels in ("xla_cpu", "plain"))
+        assert_relative_close(out, reference, TOL[dtype])
+        assert_states_close(new_state, reference_state, TOL[dtype])
+        grads = jax.jit(jax.grad(run("xla_cpu"), argnums=range(5)))(*primals)
+        reference_grads = jax.jit(jax.grad(run("plain"), argnums=range(5)))(*primals)
+        for g, g_ref in zip(grads, reference_grads):
+            assert_relative_close(g, g_ref, TOL[dtype])
+
+
+def _directional_derivatives(form, kernels):
+    """`jax.jvp` of sum(o * w) along a random direction, and the same derivative by `jax.grad`."""
+    q, k, v = random_qkv(4, 1, 8, HEADS, KEY_DIM, VALUE_DIM)
+    direction = random_qkv(5, 1, 8, HEADS, KEY_DIM, VALUE_DIM)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(v.shape), jnp.float32)
+
+    def loss(q, k, v):
+        return jnp.sum(run_form(form, q, k, v, log_decay_h(), kernels=kernels)[0] * w)
+
+    _, forward = jax.jvp(loss, (q, k, v), direction)
+    reverse = sum(jnp.vdot(g, d) for g, d in zip(jax.grad(loss, argnums=(0, 1, 2))(q, k, v), direction))
+    return forward, reverse
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_forward_mode_differentiates_every_form_with_plain_kernels(form):
+    """Given `kernels="plain"` (what the recurrent form and the step always are), then `jax.jvp`
+    works and gives the directional derivative `jax.grad` gives (float32, 1e-5 relative)."""
+    forward, reverse = _directional_derivatives(form, "plain")
+    np.testing.assert_allclose(forward, reverse, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise"])
+def test_xla_cpu_kernels_refuse_forward_mode_with_a_clear_error(form):
+    """Hand-written backward passes (`jax.custom_vjp`) are reverse mode only: JAX says so."""
+    with pytest.raises(TypeError, match="forward-mode"):
+        _directional_derivatives(form, "xla_cpu")
