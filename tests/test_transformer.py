@@ -72,6 +72,11 @@ def tokens(tcfg):
     return random_tokens(0, 2, LENGTH, tcfg.vocab_size)
 
 
+def at_lengths(cache: KVCache, lengths) -> KVCache:
+    """`cache` with its sequences moved to `lengths` (every layer alike)."""
+    return cache._replace(length_b=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), cache.length_b.shape))
+
+
 def relative_size_gap(cfg: RetNetConfig, tcfg: TransformerConfig) -> float:
     retnet = parameter_count(RetNet, cfg)
     return abs(parameter_count(Transformer, tcfg) - retnet) / retnet
@@ -140,14 +145,14 @@ def test_every_parameter_carries_logical_axes(model):
 
 def test_logits_and_cache_shapes(tcfg, apply, tokens):
     """Given 2 x 10 tokens and no state, then logits are float32 `[B, T, vocab]` and the cache holds
-    exactly those tokens: keys and values `[L, B, T, H, dh]`, lengths 10."""
+    exactly those tokens: keys and values `[L, B, T, H, dh]`, lengths `[L, B]` at 10."""
     logits, cache = apply(tokens)
     chex.assert_shape(logits, (2, LENGTH, tcfg.vocab_size))
     assert logits.dtype == jnp.float32
     assert isinstance(cache, KVCache)
-    chex.assert_shape([cache.key_lbchk, cache.value_lbchk],
+    chex.assert_shape([cache.key_bchk, cache.value_bchk],
                       (tcfg.n_layers, 2, LENGTH, tcfg.n_heads, tcfg.head_dim))
-    chex.assert_trees_all_equal(cache.length_b, jnp.full((2,), LENGTH, jnp.int32))
+    chex.assert_trees_all_equal(cache.length_b, jnp.full((tcfg.n_layers, 2), LENGTH, jnp.int32))
 
 
 @pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
@@ -180,9 +185,9 @@ def test_prefill_then_decoding_reproduces_the_parallel_logits(variant, tiny_cfg,
     for t in range(6, LENGTH):
         step_logits, cache = apply(tokens[:, t:t + 1], mode="recurrent", state=cache)
         assert_relative_close(step_logits, reference[:, t:t + 1], TOL32)
-    assert_relative_close(cache.key_lbchk[:, :, :LENGTH], reference_cache.key_lbchk, TOL32)
-    assert_relative_close(cache.value_lbchk[:, :, :LENGTH], reference_cache.value_lbchk, TOL32)
-    chex.assert_trees_all_equal(cache.length_b, jnp.full((2,), LENGTH, jnp.int32))
+    assert_relative_close(cache.key_bchk[:, :, :LENGTH], reference_cache.key_bchk, TOL32)
+    assert_relative_close(cache.value_bchk[:, :, :LENGTH], reference_cache.value_bchk, TOL32)
+    chex.assert_trees_all_equal(cache.length_b, reference_cache.length_b)
 
 
 def test_sequences_at_different_lengths_decode_in_one_batch(model, apply, tokens):
@@ -193,7 +198,7 @@ def test_sequences_at_different_lengths_decode_in_one_batch(model, apply, tokens
     lengths = (4, 6)
     reference, _ = apply(tokens)
     _, cache = apply(tokens[:, :6], state=model.init_state(2, CAPACITY))
-    cache = cache._replace(length_b=jnp.asarray(lengths, jnp.int32))
+    cache = at_lengths(cache, lengths)
     for step in range(3):
         positions = [n + step for n in lengths]
         next_tokens = jnp.stack([tokens[b, p] for b, p in enumerate(positions)])[:, None]
@@ -225,7 +230,7 @@ def test_bf16_model_caches_in_bf16_and_returns_float32_logits(tiny_cfg, tokens):
     apply = jit_apply(model)
     reference, _ = apply(tokens)
     logits, cache = apply(tokens, state=model.init_state(2, CAPACITY))
-    assert cache.key_lbchk.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+    assert cache.key_bchk.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
     assert_relative_close(logits, reference, 2e-2)
 
 
@@ -257,7 +262,7 @@ def test_loss_gradients_are_plain_autodiffs(tiny_cfg, tokens):
 def test_writing_past_the_capacity_is_refused(model, apply, tokens):
     """Eagerly, sequences at lengths 10 and 2 of a 12-slot cache cannot take 3 more tokens: the
     message names the capacity and the lengths. The cache of a call without state is full."""
-    state = model.init_state(2, CAPACITY)._replace(length_b=jnp.asarray([10, 2], jnp.int32))
+    state = at_lengths(model.init_state(2, CAPACITY), [10, 2])
     with pytest.raises(ValueError, match=r"^KV cache full: capacity 12 slots, sequences at lengths \[10, 2"):
         model(jnp.zeros((2, 3), jnp.int32), state=state)
     _, cache = apply(tokens)
@@ -269,13 +274,12 @@ def test_under_jit_overflowing_positions_are_nan(model, apply):
     """Traced, the lengths cannot be checked: sequence 0 (at 8 of 12 slots) given 6 tokens has NaN
     logits from its position 12 on and NaN keys, so its next call is NaN too, even rolled back;
     sequence 1 (at 2) is untouched."""
-    state = model.init_state(2, CAPACITY)._replace(length_b=jnp.asarray([8, 2], jnp.int32))
+    state = at_lengths(model.init_state(2, CAPACITY), [8, 2])
     logits, cache = apply(jnp.ones((2, 6), jnp.int32), state=state)
     assert np.all(np.isfinite(logits[0, :4])) and np.all(np.isnan(logits[0, 4:]))
     assert np.all(np.isfinite(logits[1]))
-    chex.assert_trees_all_equal(cache.length_b, jnp.asarray([14, 8], jnp.int32))
-    logits, _ = apply(jnp.ones((2, 1), jnp.int32), state=cache._replace(
-        length_b=jnp.asarray([5, 5], jnp.int32)))
+    chex.assert_trees_all_equal(cache.length_b[0], jnp.asarray([14, 8], jnp.int32))
+    logits, _ = apply(jnp.ones((2, 1), jnp.int32), state=at_lengths(cache, [5, 5]))
     assert np.all(np.isnan(logits[0])) and np.all(np.isfinite(logits[1]))
 
 
@@ -319,9 +323,18 @@ def test_state_of_another_kind_is_rejected(model):
 
 
 def test_state_of_another_batch_size_is_rejected(model):
-    """A cache for 3 sequences, continued with 2, names state.key_lbchk and its layout."""
-    with pytest.raises(ValueError, match=r"^state\.key_lbchk must have shape \[L, B, C, H, dh\]"):
+    """A cache for 3 sequences, continued with 2, names state.key_bchk and its layout."""
+    with pytest.raises(ValueError, match=r"^state\.key_bchk must have shape \[L, B, C, H, dh\]"):
         model(jnp.zeros((2, 1), jnp.int32), state=model.init_state(3, 4))
+
+
+def test_state_whose_layers_disagree_on_length_is_rejected(model):
+    """The model reads each sequence's length once for all layers, so a cache whose layers are at
+    different lengths (never one a call returns) is refused, naming state.length_b."""
+    state = model.init_state(2, 4)
+    state = state._replace(length_b=state.length_b.at[1, 0].set(3))
+    with pytest.raises(ValueError, match=r"^state\.length_b must hold the same lengths for every layer"):
+        model(jnp.zeros((2, 1), jnp.int32), state=state)
 
 
 @pytest.mark.parametrize("capacity", [0, -1, 2.5, None])
@@ -349,9 +362,15 @@ def test_bad_config_fields_are_named(changes, message):
 
 
 def test_block_is_built_like_every_module(tcfg):
-    """`TransformerBlock(cfg, rngs=...)` alone (what sharded initialisation builds) maps `[B, T, d]`
-    to `[B, T, d]` and returns its keys and values `[B, T, H, dh]` (shapes only: nothing runs)."""
-    y, (k, v) = nnx.eval_shape(
-        lambda: TransformerBlock(tcfg, rngs=nnx.Rngs(0))(jnp.ones((2, 5, tcfg.d_model))))
+    """`TransformerBlock(cfg, rngs=...)` alone (what sharded initialisation builds) takes RetNetBlock's
+    call: `block(x [B, T, d], block.init_state(B, C), mode=..., chunk_size=...)` gives `[B, T, d]` and
+    a one-layer cache `[B, C, H, dh]` (shapes only: nothing runs)."""
+    def run():
+        block = TransformerBlock(tcfg, rngs=nnx.Rngs(0))
+        return block(jnp.ones((2, 5, tcfg.d_model)), block.init_state(2, 8), mode="recurrent",
+                     chunk_size=4)
+
+    y, cache = nnx.eval_shape(run)
     chex.assert_shape(y, (2, 5, tcfg.d_model))
-    chex.assert_shape([k, v], (2, 5, tcfg.n_heads, tcfg.head_dim))
+    chex.assert_shape([cache.key_bchk, cache.value_bchk], (2, 8, tcfg.n_heads, tcfg.head_dim))
+    chex.assert_shape(cache.length_b, (2,))

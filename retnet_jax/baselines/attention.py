@@ -8,6 +8,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from retnet_jax.baselines import kv_cache
+from retnet_jax.baselines.kv_cache import KVCache
 from retnet_jax.layers.fused import fused_projection, projection
 from retnet_jax.layers.initializers import xavier_uniform
 from retnet_jax.ops import rotate, rotation_frequencies
@@ -22,7 +23,11 @@ CACHE = ("batch", "cache", "heads", "head_dim")
 def attend(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array,
            visible_bts: jax.Array | None = None) -> jax.Array:
     """`softmax(q k^T / sqrt(dh)) v` per head, `[B, T, H, dh]`. Keys `[B, S, H, dh]`; `visible_bts`
-    masks them (None: causal with S == T, which lets a GPU run cuDNN's causal kernel)."""
+    masks them (None: causal with S == T, the form cuDNN's fused kernel takes).
+
+    `implementation=None` leaves the kernel to JAX: XLA's in jax 0.10 (softmax in float32), a
+    fused one where a later JAX picks it.
+    """
     mask = None if visible_bts is None else visible_bts[:, None]  # [B, 1 (heads), T, S]
     return jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask,
                                         is_causal=visible_bts is None, implementation=None)
@@ -44,30 +49,31 @@ class CausalSelfAttention(nnx.Module):
         self.out_proj = nnx.Param(xavier_uniform(rngs.params(), d, d, (heads, dh, d), 1.0, pd),
                                   logical_axes=("heads", "head_dim", "embed"))
 
-    def __call__(self, x_btd: jax.Array, length_b: jax.Array,
-                 cache: tuple[jax.Array, jax.Array] | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`x [B, T, d]` at positions `length_b + t` -> `(y [B, T, d], (keys, values))`.
+    def __call__(self, x_btd: jax.Array, state: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+        """`x [B, T, d]` -> `(y [B, T, d], state)`, the tokens at positions `state.length_b + t`.
 
-        cache None: the tokens attend among themselves and their keys and values `[B, T, H, dh]` are
-        returned. Else `(keys, values)` `[B, C, H, dh]`: the tokens are written at their positions
-        and attend to every slot up to their own; the updated cache is returned.
+        state None: the tokens attend among themselves (positions from 0) and the returned cache
+        holds exactly them (capacity T). Else each sequence's tokens are written to its next slots
+        and attend to every slot up to their own.
         """
         cfg, dh = self.cfg, self.cfg.head_dim
+        batch, steps, _ = x_btd.shape
+        length_b = jnp.zeros((batch,), jnp.int32) if state is None else state.length_b
         q_bthk, k_bthk, v_bthk = checkpoint_name(fused_projection(
             x_btd, self.qkv_proj[...], (dh, dh, dh), dtype=cfg.dtype, kernels=self.kernels), "projections")
         q_bthk, k_bthk, v_bthk = (constrain(a, HEADS) for a in (q_bthk, k_bthk, v_bthk))
-        position_bt = length_b[:, None] + jnp.arange(x_btd.shape[1])
+        position_bt = length_b[:, None] + jnp.arange(steps)
         freqs_p = rotation_frequencies(dh)
         q_bthk, k_bthk = rotate(q_bthk, position_bt, freqs_p), rotate(k_bthk, position_bt, freqs_p)
 
-        if cache is None:
-            o_bthk, cache = attend(q_bthk, k_bthk, v_bthk), (k_bthk, v_bthk)
+        if state is None:
+            o_bthk, key_bchk, value_bchk = attend(q_bthk, k_bthk, v_bthk), k_bthk, v_bthk
         else:
-            cache = tuple(constrain(kv_cache.write(constrain(c, CACHE), new, length_b), CACHE)
-                          for c, new in zip(cache, (k_bthk, v_bthk)))
-            o_bthk = attend(q_bthk, *cache, kv_cache.visible(position_bt, cache[0].shape[1]))
+            key_bchk, value_bchk = (constrain(kv_cache.write(constrain(c, CACHE), new, length_b), CACHE)
+                                    for c, new in ((state.key_bchk, k_bthk), (state.value_bchk, v_bthk)))
+            visible_btc = kv_cache.visible(position_bt, key_bchk.shape[1])
+            o_bthk = attend(q_bthk, key_bchk, value_bchk, visible_btc)
         # Kept under remat="projections" like retention's output: recomputing it costs O(T^2).
         o_bthk = checkpoint_name(constrain(o_bthk, HEADS), "projections")
         y_btd = projection(o_bthk, self.out_proj[...], dtype=cfg.dtype, kernels=self.kernels)
-        return constrain(y_btd, ("batch", "length", "embed")), cache
+        return constrain(y_btd, ("batch", "length", "embed")), KVCache(key_bchk, value_bchk, length_b + steps)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from retnet_jax.baselines import kv_cache
 from retnet_jax.baselines.attention import CausalSelfAttention
 from retnet_jax.baselines.config import TransformerConfig
+from retnet_jax.baselines.kv_cache import KVCache
+from retnet_jax.config import Mode
 from retnet_jax.layers.feedforward import FeedForward
 from retnet_jax.layers.norms import Norm
 from retnet_jax.sharding import constrain
@@ -36,17 +38,23 @@ class TransformerBlock(nnx.Module):
             self.attention.qkv_proj[...] = self.attention.qkv_proj[...].at[..., 2 * dh:].divide(shrink)
             self.attention.out_proj[...] = self.attention.out_proj[...] / shrink
 
-    def __call__(self, x_btd: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None, *,
-                 length_b: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """`x [B, T, d]` -> `(x' [B, T, d], (keys, values))`; see `CausalSelfAttention` for the
-        cache. `length_b` int `[B]`: each sequence's position before these tokens (None: 0)."""
-        length_b = jnp.zeros(x_btd.shape[:1], jnp.int32) if length_b is None else length_b
+    def init_state(self, batch: int, capacity: int) -> KVCache:
+        """An empty one-layer cache for `batch` sequences of up to `capacity` tokens."""
+        cfg = self.cfg
+        return kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
+
+    def __call__(self, x_btd: jax.Array, state: KVCache | None = None, *, mode: Mode = "parallel",
+                 chunk_size: int | None = None) -> tuple[jax.Array, KVCache]:
+        """`x [B, T, d]` -> `(x' [B, T, d], state)`; `state` as `CausalSelfAttention` takes it.
+        `mode` and `chunk_size` are there for `RetNetBlock`'s contract: every mode is one computation."""
         x_btd = constrain(x_btd, TOKENS)
         if self.cfg.deepnorm:
             alpha = (2.0 * self.cfg.n_layers) ** 0.25
-            y_btd, cache = self.attention(x_btd, length_b, cache)
+            y_btd, state = self.attention(x_btd, state)
             x_btd = self.attention_norm(alpha * x_btd + y_btd)
-            return constrain(self.ffn_norm(alpha * x_btd + self.ffn(x_btd)), TOKENS), cache
-        y_btd, cache = self.attention(self.attention_norm(x_btd), length_b, cache)
-        x_btd = x_btd + y_btd
-        return constrain(x_btd + self.ffn(self.ffn_norm(x_btd)), TOKENS), cache
+            x_btd = self.ffn_norm(alpha * x_btd + self.ffn(x_btd))
+        else:
+            y_btd, state = self.attention(self.attention_norm(x_btd), state)
+            x_btd = x_btd + y_btd
+            x_btd = x_btd + self.ffn(self.ffn_norm(x_btd))
+        return constrain(x_btd, TOKENS), state

@@ -14,25 +14,26 @@ import numpy as np
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer (a pytree; leading layer axis, like `RetentionState`).
+    """One layer's keys and values (a pytree). A model's cache is the layers' stacked: every leaf
+    then has a leading layer axis (`[L, B, C, H, dh]`, `[L, B]`), as `RetentionState`'s has.
 
-    key_lbchk:   rotated keys, `[L, B, C, H, dh]` (C: capacity, slots), in the compute dtype
-                 (`cfg.dtype`): what the attention multiplies, so bf16 models store bf16.
-    value_lbchk: values, `[L, B, C, H, dh]`, same dtype.
-    length_b:    int32 `[B]`: tokens each sequence has written (all layers write together).
-                 Slots at and past it are masked out; their content is never read.
+    key_bchk:   rotated keys `[B, C, H, dh]` (C: capacity, in slots), in the compute dtype
+                (`cfg.dtype`): what the attention multiplies, so a bf16 model caches bf16.
+    value_bchk: values `[B, C, H, dh]`, same dtype.
+    length_b:   int32 `[B]`: tokens each sequence has written. Slots at and past it are masked out,
+                whatever they hold.
     """
 
-    key_lbchk: jax.Array
-    value_lbchk: jax.Array
+    key_bchk: jax.Array
+    value_bchk: jax.Array
     length_b: jax.Array
 
 
-def init_cache(layers: int, batch: int, capacity: int, heads: int, head_dim: int, dtype) -> KVCache:
-    """An empty cache: zeros, every sequence at length 0."""
+def init_cache(batch: int, capacity: int, heads: int, head_dim: int, dtype) -> KVCache:
+    """An empty one-layer cache: zeros, every sequence at length 0."""
     if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-    zeros = jnp.zeros((layers, batch, capacity, heads, head_dim), dtype)
+    zeros = jnp.zeros((batch, capacity, heads, head_dim), dtype)
     return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 

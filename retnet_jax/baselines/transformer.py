@@ -49,9 +49,11 @@ class Transformer(nnx.Module):
         self.unembed = None if cfg.tie_embeddings else embedding_table(cfg, rngs)
 
     def init_state(self, batch: int, capacity: int) -> KVCache:
-        """An empty cache for `batch` sequences of up to `capacity` tokens each (prompt included)."""
+        """An empty cache for `batch` sequences of up to `capacity` tokens each (prompt included):
+        keys and values `[L, B, C, H, dh]` at zero, lengths `[L, B]` at 0."""
         cfg = self.cfg
-        return kv_cache.init_cache(cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
+        one = kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_layers, *x.shape)), one)
 
     def __call__(
         self,
@@ -70,10 +72,11 @@ class Transformer(nnx.Module):
         however many tokens are given. `chunk_size` is ignored.
 
         state: None, or the `KVCache` of `init_state(batch, capacity)` or of a previous call. Each
-        sequence continues at its own length. With None, the returned cache holds exactly these
-        tokens (capacity T, full): to decode afterwards, prefill into an `init_state` cache.
-        A call that would write past the capacity is refused when the lengths are concrete; under
-        `jax.jit` the overflowing positions' logits, and the rest of that sequence's, are NaN.
+        sequence continues at its own length (the layers of one sequence always share it; it is read
+        from the first layer). With None, the returned cache holds exactly these tokens (capacity T,
+        full): to decode afterwards, prefill into an `init_state` cache. A call that would write
+        past the capacity is refused when the lengths are concrete; under `jax.jit` the overflowing
+        positions' logits, and the rest of that sequence's, are NaN.
 
         last_only: the logits of the last position only, `[B, 1, vocab]` (the unembedding runs there
         alone: what a prefill needs).
@@ -88,11 +91,13 @@ class Transformer(nnx.Module):
         batch, steps = tokens_bt.shape
         if state is not None:
             state = _check_cache(state, cfg, batch)
-            kv_cache.check_room(state.length_b, steps, state.key_lbchk.shape[2])
-        length_b = jnp.zeros((batch,), jnp.int32) if state is None else state.length_b
+            kv_cache.check_room(state.length_b[0], steps, state.key_bchk.shape[2])
 
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
-        x_btd = jnp.take(self.embed[...], tokens_bt, axis=0, mode="clip")
+        # The table's width gathered first, as in RetNet (a lookup into a table split on both axes
+        # is one XLA's partitioner can only do by replicating it).
+        table_vd = constrain(self.embed[...], ("vocab", None))
+        x_btd = jnp.take(table_vd, tokens_bt, axis=0, mode="clip")
         x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
         if cfg.scale_embedding:
             x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
@@ -100,20 +105,22 @@ class Transformer(nnx.Module):
             x_btd = self.embed_norm(x_btd)
 
         graphdef, block_params = nnx.split(self.blocks)
+        # One length per sequence for all layers, taken outside the layer scan: the rotation angles
+        # and masks are then loop-invariant.
+        length_b = jnp.zeros((batch,), jnp.int32) if state is None else state.length_b[0]
 
-        def layer(x_btd, params_and_cache):
-            params, cache = params_and_cache
-            return nnx.merge(graphdef, params)(x_btd, cache, length_b=length_b)
+        def layer(x_btd, params_and_state):
+            params, layer_state = params_and_state
+            if layer_state is not None:
+                layer_state = layer_state._replace(length_b=length_b)
+            return nnx.merge(graphdef, params)(x_btd, layer_state)
 
-        caches = None if state is None else (state.key_lbchk, state.value_lbchk)
-        x_btd, (key_lbchk, value_lbchk) = jax.lax.scan(
-            remat_layer(layer, cfg.remat), x_btd, (block_params, caches))
-        cache = KVCache(key_lbchk, value_lbchk, length_b + steps)
+        x_btd, cache = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state))
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
         position_bt = length_b[:, None] + jnp.arange(steps)
-        x_btd, cache = _poison_from(invalid_bt | (position_bt >= key_lbchk.shape[2]), x_btd, cache)
+        x_btd, cache = _poison_from(invalid_bt | (position_bt >= cache.key_bchk.shape[2]), x_btd, cache)
         if last_only:
             x_btd = x_btd[:, -1:]
         unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
@@ -126,23 +133,28 @@ def _poison_from(bad_bt: jax.Array, x_btd: jax.Array, cache: KVCache) -> tuple[j
     jit), and NaN keys and values for that sequence, so its later calls are NaN too."""
     poisoned_bt = jnp.cumsum(bad_bt, axis=1) > 0
     x_btd = jnp.where(poisoned_bt[..., None], jnp.nan, x_btd)
-    poisoned_b = poisoned_bt[:, -1][None, :, None, None, None]
-    return x_btd, cache._replace(key_lbchk=jnp.where(poisoned_b, jnp.nan, cache.key_lbchk),
-                                 value_lbchk=jnp.where(poisoned_b, jnp.nan, cache.value_lbchk))
+    poisoned_b = poisoned_bt[:, -1][None, :, None, None, None]  # against [L, B, C, H, dh]
+    return x_btd, cache._replace(key_bchk=jnp.where(poisoned_b, jnp.nan, cache.key_bchk),
+                                 value_bchk=jnp.where(poisoned_b, jnp.nan, cache.value_bchk))
 
 
 def _check_cache(state, cfg: TransformerConfig, batch: int) -> KVCache:
     if not isinstance(state, KVCache):
         raise ValueError(f"state must be the KVCache of init_state or of a Transformer call, got "
                          f"{type(state).__name__}")
-    capacity = state.key_lbchk.shape[2] if state.key_lbchk.ndim == 5 else None
+    capacity = state.key_bchk.shape[2] if state.key_bchk.ndim == 5 else None
     want = (cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim)
-    for name in ("key_lbchk", "value_lbchk"):
+    for name in ("key_bchk", "value_bchk"):
         got = tuple(getattr(state, name).shape)
         if got != want:
             raise ValueError(f"state.{name} must have shape [L, B, C, H, dh] = {want} for this model "
                              f"and tokens of batch {batch}, got {got}")
-    if tuple(state.length_b.shape) != (batch,) or not jnp.issubdtype(state.length_b.dtype, jnp.integer):
-        raise ValueError(f"state.length_b must be integer with shape [B] = ({batch},), got "
-                         f"{state.length_b.dtype}{tuple(state.length_b.shape)}")
+    length_lb = state.length_b
+    if tuple(length_lb.shape) != (cfg.n_layers, batch) or not jnp.issubdtype(length_lb.dtype, jnp.integer):
+        raise ValueError(f"state.length_b must be integer with shape [L, B] = {(cfg.n_layers, batch)}, "
+                         f"got {length_lb.dtype}{tuple(length_lb.shape)}")
+    if not isinstance(length_lb, jax.core.Tracer) and not np.all(np.asarray(length_lb) == np.asarray(
+            length_lb[:1])):
+        raise ValueError("state.length_b must hold the same lengths for every layer (a model's cache "
+                         f"advances its layers together), got {np.asarray(length_lb).tolist()}")
     return state
