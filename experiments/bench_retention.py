@@ -3,7 +3,10 @@
     python experiments/bench_retention.py                 # full table, T = 512 ... 16384
     python experiments/bench_retention.py --quick         # a smoke run in seconds
 
-Prints a table, writes JSON (and a plot when matplotlib is installed) to experiments/results/.
+Prints a table, writes JSON (and a plot when matplotlib is installed) to experiments/results/:
+bench_retention.json/.png, or bench_retention_quick.json/.png with --quick, which never replaces the
+committed full results. The ops run with the kernels a model built here would pick
+(`resolve_kernels("auto")`: the hand-written "xla_cpu" backward passes on a CPU).
 Every rate is compared with the float32 matmul GFLOP/s measured in the same run. GF/s counts the
 matmul FLOPs each form executes, the masked upper half of each causal block included (what the
 hardware does); the JSON also gives the useful rate, without those masked products.
@@ -59,8 +62,10 @@ from retnet_jax.ops import (  # noqa: E402
     parallel_retention,
     recurrent_retention,
 )
+from retnet_jax.ops.kernels import resolve_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FULL_RESULTS, QUICK_RESULTS = "bench_retention.json", "bench_retention_quick.json"
 
 
 def machine() -> dict:
@@ -221,11 +226,12 @@ def compile_or_oom(fn, args):
     return compiled, None
 
 
-def bench_forms(lengths, chunk, repeats, heads=8, dk=64, dv=128):
+def bench_forms(lengths, chunk, repeats, kernels, heads=8, dk=64, dv=128):
     log_decay = jnp.asarray(official_log_decay(heads))
     forms = {
-        "parallel": lambda q, k, v: parallel_retention(q, k, v, log_decay)[0],
-        "chunkwise": lambda q, k, v: chunkwise_retention(q, k, v, log_decay, chunk_size=chunk)[0],
+        "parallel": lambda q, k, v: parallel_retention(q, k, v, log_decay, kernels=kernels)[0],
+        "chunkwise": lambda q, k, v: chunkwise_retention(q, k, v, log_decay, chunk_size=chunk,
+                                                         kernels=kernels)[0],
         "recurrent": lambda q, k, v: recurrent_retention(q, k, v, log_decay)[0],
     }
     rows = []
@@ -350,13 +356,14 @@ def bench_model(lengths, rounds, with_torchscale: bool, cfg: RetNetConfig = MODE
     return rows, torchscale_rows
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows, path: Path) -> bool:
+    """The forms' times against T, saved to `path`; False (nothing written) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, label in zip(axes, ("fwd", "fwd_bwd")):
         for form in ("parallel", "chunkwise", "recurrent"):
@@ -370,6 +377,19 @@ def plot(rows, path: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_results(result: dict, out: Path) -> None:
+    """`out` (JSON) and the plot beside it (`.png`), saying what was written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    png = out.with_suffix(".png")
+    if plot(result["forms"], png):
+        print(f"\nwrote {out} and {png}")
+    else:
+        print(f"\nwrote {out}; no PNG written (matplotlib is not installed)")
 
 
 def main(argv=None) -> int:
@@ -388,8 +408,14 @@ def main(argv=None) -> int:
     parser.add_argument("--matmul-precision", choices=("default", "high", "highest"), default=None,
                         help="jax_default_matmul_precision for the whole run (default: JAX's own, which "
                              "computes float32 matmuls fully on CPU and as TF32 on recent GPUs)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_retention.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"the JSON to write (default: experiments/results/{FULL_RESULTS}, or "
+                             f"{QUICK_RESULTS} with --quick); the plot goes beside it as .png")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / (QUICK_RESULTS if args.quick else FULL_RESULTS)
+    elif args.quick and args.out.resolve() == (RESULTS / FULL_RESULTS).resolve():
+        parser.error(f"--quick must not overwrite the committed {FULL_RESULTS}")
     if args.matmul_precision is not None:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     if args.quick:
@@ -397,12 +423,13 @@ def main(argv=None) -> int:
         args.model_rounds = 2
 
     info = machine()
-    print(f"machine: {info}")
+    kernels = resolve_kernels("auto")
+    print(f"machine: {info}, kernels: {kernels}")
     rate = matmul_gflops(args.repeats)
     print(f"float32 matmul rate (this run, precision {info['matmul_precision']}, relative error "
           f"{info['float32_matmul_relative_error']:.1e}): {rate:.1f} GFLOP/s\n")
     print(f"retention forms (B=1, H=8, dk=64, dv=128, chunk {args.chunk_size})")
-    rows = bench_forms(args.lengths, args.chunk_size, args.repeats)
+    rows = bench_forms(args.lengths, args.chunk_size, args.repeats, kernels)
     print("\nmodel (6 layers, d 512, 4 heads, value 1024, FFN 1024, vocab 8192, chunk 512, batch 1)")
     model_rows, torchscale_rows = bench_model(args.model_lengths, args.model_rounds, not args.no_torchscale)
     libraries = None if args.no_torchscale else matmul_libraries(args.repeats)
@@ -412,12 +439,10 @@ def main(argv=None) -> int:
             print(f"  {name:>28}: XLA {r['xla']:6.1f}  torch {r['torch']:6.1f}  (XLA/torch {r['xla'] / r['torch']:.2f})")
 
     checks = summarise(rows, model_rows, torchscale_rows, rate, args.lengths)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": info, "matmul_gflops": rate, "chunk_size": args.chunk_size, "forms": rows,
-              "model": model_rows, "torchscale": torchscale_rows, "matmul_libraries": libraries, "checks": checks}
-    args.out.write_text(json.dumps(result, indent=2))
-    plot(rows, args.out.with_suffix(".png"))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    result = {"machine": info, "kernels": kernels, "matmul_gflops": rate, "chunk_size": args.chunk_size,
+              "forms": rows, "model": model_rows, "torchscale": torchscale_rows,
+              "matmul_libraries": libraries, "checks": checks}
+    write_results(result, args.out)
     return 0
 
 

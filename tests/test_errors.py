@@ -13,6 +13,7 @@ import pytest
 from conftest import random_qkv, random_tokens
 
 from retnet_jax import RetNetConfig
+from retnet_jax.config import literal_choices
 from retnet_jax.ops import (
     chunkwise_retention,
     init_state,
@@ -178,7 +179,7 @@ def test_sizes_must_be_positive_ints(field):
         RetNetConfig.preset("tiny", **{field: 0})
 
 
-@pytest.mark.parametrize("field", ["decay", "ffn", "activation", "norm", "head_norm"])
+@pytest.mark.parametrize("field", list(literal_choices(RetNetConfig)))
 def test_unknown_choices_are_rejected(field):
     with pytest.raises(ValueError, match=rf"^{field} must be one of"):
         RetNetConfig.preset("tiny", **{field: "nonsense"})

@@ -3,10 +3,13 @@
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
 import pytest
+
+from retnet_jax.ops.kernels import resolve_kernels
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -18,17 +21,30 @@ def load_script(name: str):
     return module
 
 
-@pytest.mark.slow
-def test_bench_retention_quick_run_writes_every_form_and_the_model_line(tmp_path, capsys):
-    """Given `--quick`, the benchmark prints its table and saves JSON with a row per form and length,
-    the matmul rate it compares against, the machine, the model's tokens/s and torchscale's."""
-    bench = load_script("bench_retention")
-    out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """The benchmark script with its results folder moved to `tmp_path`: the committed results are
+    out of reach whatever it writes."""
+    module = load_script("bench_retention")
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
 
-    result = json.loads(out.read_text())
+
+@pytest.mark.slow
+def test_bench_retention_quick_run_writes_every_form_and_the_model_line_to_its_own_files(bench, tmp_path, capsys):
+    """Given `--quick`, the benchmark prints its table and saves `bench_retention_quick.json` (and
+    `.png` where matplotlib is installed), never the full run's files, with a row per form and length,
+    the kernels of the ops, the matmul rate it compares against, the machine, the model's tokens/s and
+    torchscale's."""
+    assert bench.main(["--quick"]) == 0
+
+    plotted = importlib.util.find_spec("matplotlib") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["bench_retention_quick.json"] + ["bench_retention_quick.png"] * plotted)
+    result = json.loads((tmp_path / "bench_retention_quick.json").read_text())
     printed = capsys.readouterr().out
     assert "float32 matmul rate" in printed and "chunkwise" in printed
+    assert result["kernels"] == resolve_kernels("auto")
     assert result["matmul_gflops"] > 0 and result["machine"]["backend"]
     # The precision the run used (this suite asks for "highest", tests/conftest.py), and what float32
     # matmuls then cost in accuracy on this backend.
@@ -49,3 +65,18 @@ def test_bench_retention_quick_run_writes_every_form_and_the_model_line(tmp_path
         # and the model's main matmul shapes are timed in both libraries, for the same comparison.
         assert set(result["matmul_libraries"]) == set(bench.LIBRARY_SHAPES)
         assert all(r["xla"] > 0 and r["torch"] > 0 for r in result["matmul_libraries"].values())
+
+
+def test_bench_retention_quick_run_refuses_to_write_the_full_results(bench, tmp_path):
+    """`--quick --out .../bench_retention.json` (the committed full run) is an argument error, raised
+    before anything runs or is written."""
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path / "bench_retention.json")])
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_retention_without_matplotlib_writes_no_png_and_says_so(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    bench.write_results({"forms": []}, tmp_path / "run.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    assert "no PNG written (matplotlib is not installed)" in capsys.readouterr().out
