@@ -48,6 +48,9 @@ class RetNetConfig:
     # rotations, decay masks, scores and activations; "none" keeps whatever XLA would; "full" keeps
     # only each block's input and recomputes the block (least memory, ~1/3 more compute).
     remat: Literal["none", "projections", "full"] = "none"
+    # Dropout rate on the embeddings and on each residual branch (after retention, after the FFN),
+    # as torchscale's `dropout`; applied only when a call passes `dropout_key` (training).
+    dropout: float = 0.0
     # Backend-specific code paths (retnet_jax/ops/kernels.py): "auto" picks "xla_cpu" on the CPU
     # backend, "plain" (ordinary autodiff, forward mode too) elsewhere, when a model is built.
     kernels: KernelChoice = "auto"
@@ -70,6 +73,8 @@ class RetNetConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model // n_heads = {self.d_model // self.n_heads} must be even (pairwise rotation)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a rate in [0, 1), got {self.dropout!r}")
         for name in _DTYPE_FIELDS:
             try:
                 object.__setattr__(self, name, jnp.dtype(getattr(self, name)))

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from retnet_jax.config import MODES, Mode, RetNetConfig
-from retnet_jax.layers.block import RetNetBlock
+from retnet_jax.layers.block import RetNetBlock, dropout
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
 from retnet_jax.ops import RetentionState, init_state
@@ -63,6 +63,7 @@ class RetNet(nnx.Module):
         state: RetentionState | None = None,
         chunk_size: int | None = None,
         last_only: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, RetentionState]:
         """Logits for `tokens [B, T]` (int), continuing from `state` (None: a fresh sequence).
 
@@ -76,6 +77,8 @@ class RetNet(nnx.Module):
 
         last_only: return the logits of the last position only, `[B, 1, vocab]` (a prefill needs
         no more; the `[B, T, vocab]` array is never formed).
+
+        dropout_key: a PRNG key to apply `cfg.dropout` (training); None (default): no dropout.
         """
         cfg = self.cfg
         tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
@@ -97,6 +100,11 @@ class RetNet(nnx.Module):
             x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
         if self.embed_norm is not None:
             x_btd = self.embed_norm(x_btd)
+        layer_keys = None
+        if dropout_key is not None and cfg.dropout > 0.0:
+            embed_key, layers_key = jax.random.split(dropout_key)
+            x_btd = dropout(cfg.dropout, x_btd, embed_key)
+            layer_keys = jax.random.split(layers_key, cfg.n_layers)
 
         graphdef, block_params = nnx.split(self.blocks)
         # A model state advances all its layers together, so they share one position per sequence.
@@ -104,13 +112,13 @@ class RetNet(nnx.Module):
         # of position alone) loop-invariant: computed once, not stacked per layer.
         position_b = state.position_b[0]
 
-        def layer(x_btd, params_and_state):
-            params, layer_state = params_and_state
+        def layer(x_btd, scanned):
+            params, layer_state, key = scanned
             layer_state = layer_state._replace(position_b=position_b)
             block = nnx.merge(graphdef, params)
-            return block(x_btd, layer_state, mode=mode, chunk_size=chunk_size)
+            return block(x_btd, layer_state, mode=mode, chunk_size=chunk_size, dropout_key=key)
 
-        x_btd, state = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state))
+        x_btd, state = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state, layer_keys))
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)

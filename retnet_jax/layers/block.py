@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from retnet_jax.config import Mode, RetNetConfig
@@ -40,15 +43,28 @@ class RetNetBlock(nnx.Module):
         return init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
 
     def __call__(
-        self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int
+        self, x_btd: jax.Array, state: RetentionState, *, mode: Mode, chunk_size: int,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, RetentionState]:
+        """`dropout_key`: drop `cfg.dropout` of each residual branch's outputs (training); None: none."""
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        drop = functools.partial(dropout, self.cfg.dropout)
         if self.cfg.deepnorm:
             alpha = (2.0 * self.cfg.n_layers) ** 0.25
             y, state = self.retention(x_btd, state, mode=mode, chunk_size=chunk_size)
-            x_btd = self.retention_norm(alpha * x_btd + y)
-            x_btd = self.ffn_norm(alpha * x_btd + self.ffn(x_btd))
+            x_btd = self.retention_norm(alpha * x_btd + drop(y, keys[0]))
+            x_btd = self.ffn_norm(alpha * x_btd + drop(self.ffn(x_btd), keys[1]))
         else:
             y, state = self.retention(self.retention_norm(x_btd), state, mode=mode, chunk_size=chunk_size)
-            x_btd = x_btd + y
-            x_btd = x_btd + self.ffn(self.ffn_norm(x_btd))
+            x_btd = x_btd + drop(y, keys[0])
+            x_btd = x_btd + drop(self.ffn(self.ffn_norm(x_btd)), keys[1])
         return constrain(x_btd, ("batch", "length", "embed")), state
+
+
+def dropout(rate: float, x: jax.Array, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout: zero each element with probability `rate`, scale the rest by 1/(1 - rate).
+    The identity when `key` is None or `rate` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
