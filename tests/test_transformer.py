@@ -222,16 +222,13 @@ def test_logits_up_to_t_ignore_later_tokens(t, cached, model, apply, tokens, tcf
 
 
 def test_bf16_model_caches_in_bf16_and_returns_float32_logits(tiny_cfg, tokens):
-    """With `dtype=bfloat16`, keys and values are cached in bf16 and logits are float32; attending
-    into a cache stays within 2e-2 of attending among the tokens (bf16 rounds to 2**-8 = 4e-3 per
-    operation, and the two sum in different orders)."""
-    model = Transformer(TransformerConfig.from_retnet(tiny_cfg.replace(dtype=jnp.bfloat16)),
-                        rngs=nnx.Rngs(0))
-    apply = jit_apply(model)
-    reference, _ = apply(tokens)
-    logits, cache = apply(tokens, state=model.init_state(2, CAPACITY))
-    assert cache.key_bchk.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
-    assert_relative_close(logits, reference, 2e-2)
+    """With `dtype=bfloat16`, keys and values are cached in bf16 (what the attention multiplies) and
+    logits are float32 (shapes and dtypes only: nothing runs)."""
+    model = nnx.eval_shape(lambda: Transformer(
+        TransformerConfig.from_retnet(tiny_cfg.replace(dtype=jnp.bfloat16)), rngs=nnx.Rngs(0)))
+    logits, cache = nnx.eval_shape(lambda m: m(tokens, state=m.init_state(2, CAPACITY)), model)
+    assert cache.key_bchk.dtype == cache.value_bchk.dtype == jnp.bfloat16
+    assert logits.dtype == jnp.float32
 
 
 def test_loss_gradients_are_plain_autodiffs(tiny_cfg, tokens):
