@@ -157,8 +157,8 @@ def test_logits_and_cache_shapes(tcfg, apply, tokens):
 
 @pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
 def test_every_mode_is_the_parallel_computation(mode, apply, tokens):
-    """"chunkwise" and "recurrent" are accepted for RetNet's contract and compute what "parallel"
-    does (a Transformer has one form): bit-identical logits."""
+    """The modes "chunkwise" and "recurrent" are accepted for RetNet's contract and compute what
+    "parallel" does (a Transformer has one form): bit-identical logits."""
     chex.assert_trees_all_equal(apply(tokens, mode=mode)[0], apply(tokens)[0])
 
 
