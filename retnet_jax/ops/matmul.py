@@ -1,16 +1,13 @@
 """Batched matmuls whose backward products come out in the layout their consumers read.
 
 Autodiff of `einsum("...ij,...jk->...ik")` computes the gradient of the right operand as a dot with
-the output `[..., k, j]` and then transposes it. XLA:CPU kept that transpose and fused it into the
-strided loop that adds the gradient's two contributions and moves heads back beside the tokens:
-in the chunkwise backward pass of a `[2048, 4 heads]` layer, one such fusion took 5.8 ms for an
-8 MB result. Each backward product here is written with its result dimensions in the order a dot
-produces them (batch, left free, right free), so no transpose follows it. In the benchmark's
-6-layer training step (T=2048, 2-core Xeon, paired runs) that was ~2% of the step.
+the output `[..., k, j]` and then transposes it, a transpose XLA:CPU fused into a slow strided loop
+(experiments/PERFORMANCE.md). With `kernels="xla_cpu"` each backward product is written with its
+result dimensions in the order a dot produces them (batch, left free, right free); with
+`kernels="plain"` these are plain dots.
 
 All take operands with the same leading (batch) dimensions and accumulate in
-`preferred_element_type` (None: the operands' type). With `kernels="xla_cpu"` they are
-`jax.custom_vjp` functions (reverse mode only); with `kernels="plain"` plain dots.
+`preferred_element_type` (None: the operands' type).
 """
 
 from __future__ import annotations
