@@ -90,7 +90,7 @@ def relative_size_gap(cfg: RetNetConfig, tcfg: TransformerConfig) -> float:
 def test_config_copies_every_shared_field(tiny_cfg):
     """Given a RetNet config with every shared option changed, then the Transformer config carries
     the same value for every field both have, except the FFN width it matches."""
-    cfg = tiny_cfg.replace(dtype=jnp.bfloat16, remat="full", **VARIANT)
+    cfg = tiny_cfg.replace(dtype=jnp.bfloat16, remat="full", dropout=0.1, **VARIANT)
     tcfg = TransformerConfig.from_retnet(cfg)
     for name in TransformerConfig.__dataclass_fields__:
         if hasattr(cfg, name) and name != "ffn_dim":
@@ -156,10 +156,15 @@ def test_logits_and_cache_shapes(tcfg, apply, tokens):
 
 
 @pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
-def test_every_mode_is_the_parallel_computation(mode, apply, tokens):
-    """The modes "chunkwise" and "recurrent" are accepted for RetNet's contract and compute what
-    "parallel" does (a Transformer has one form): bit-identical logits."""
-    chex.assert_trees_all_equal(apply(tokens, mode=mode)[0], apply(tokens)[0])
+def test_every_mode_is_the_parallel_computation(mode, model, tokens):
+    """The modes "chunkwise" and "recurrent" are accepted for RetNet's contract and trace to the
+    very program "parallel" does (a Transformer has one form)."""
+    graphdef, params = nnx.split(model)
+
+    def program(mode):
+        return str(jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(tokens, mode=mode))(params))
+
+    assert program(mode) == program("parallel")
 
 
 def test_last_only_gives_the_last_positions_logits(apply, tokens):
@@ -231,24 +236,43 @@ def test_bf16_model_caches_in_bf16_and_returns_float32_logits(tiny_cfg, tokens):
     assert logits.dtype == jnp.float32
 
 
-def test_loss_gradients_are_plain_autodiffs(tiny_cfg, tokens):
-    """`jax.grad` of the cross-entropy loss gives every parameter a finite gradient, and with
-    `kernels="xla_cpu"` (hand-written backward passes) it equals ordinary autodiff ("plain"),
-    float32, 1e-5 per parameter."""
-    grads = {}
-    for kernels in ("plain", "xla_cpu"):
-        model = Transformer(TransformerConfig.from_retnet(tiny_cfg.replace(kernels=kernels)),
-                            rngs=nnx.Rngs(0))
-        graphdef, params = nnx.split(model)
+def test_loss_is_differentiable_end_to_end(model, tokens):
+    """`jax.grad` of the cross-entropy loss gives every parameter a finite, non-zero gradient, and
+    it predicts the loss: a step of 3e-3 against the normalised gradient lowers the loss by
+    3e-3 |g| to 1e-3 relative (central difference; measured 1.5e-5: float32 rounding of the loss,
+    6e-8 x 6.2 per evaluation, over 2 x 3e-3, plus O(step^2) curvature). That the hand-written
+    backward passes equal autodiff is tests/test_kernels.py's check."""
+    graphdef, params = nnx.split(model)
 
-        def loss(params):
-            logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
-            return cross_entropy(logits, tokens[:, 1:])
+    def loss(params):
+        logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:])
 
-        grads[kernels] = jax.jit(jax.grad(loss))(params)
-    for plain, xla_cpu in zip(jax.tree.leaves(grads["plain"]), jax.tree.leaves(grads["xla_cpu"])):
-        assert np.all(np.isfinite(plain)) and np.any(plain != 0)
-        assert_relative_close(xla_cpu, plain, TOL32)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    _, grads = value_and_grad(params)
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(g)) and np.any(g != 0)
+    norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))))
+    step = 3e-3
+
+    def moved(sign):
+        return float(value_and_grad(jax.tree.map(lambda p, g: p + sign * step / norm * g, params, grads))[0])
+
+    assert abs((moved(1) - moved(-1)) / (2 * step) - norm) <= 1e-3 * norm
+
+
+def test_dropout_applies_only_with_a_key(tiny_cfg, apply, tokens):
+    """With `dropout=0.1` in the RetNet config, the Transformer drops too, and only when a call
+    passes `dropout_key`: no key gives exactly the logits of the same weights without dropout; a key
+    gives other logits, the same ones for the same key."""
+    model = Transformer(TransformerConfig.from_retnet(tiny_cfg.replace(dropout=0.1)), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    dropped = jax.jit(lambda params, key: nnx.merge(graphdef, params)(tokens, dropout_key=key)[0])
+    first, again = dropped(params, jax.random.key(0)), dropped(params, jax.random.key(0))
+    plain = jit_apply(model)(tokens)[0]
+    chex.assert_trees_all_equal(plain, apply(tokens)[0])
+    chex.assert_trees_all_equal(first, again)
+    assert not np.allclose(first, plain)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,10 +373,11 @@ def test_a_retnet_config_is_not_a_transformer_config(tiny_cfg):
     (dict(d_model=66, n_heads=4), r"^d_model=66 must be divisible by n_heads=4"),
     (dict(d_model=6, n_heads=2), r"^d_model // n_heads = 3 must be even"),
     (dict(ffn_dim=0), r"^ffn_dim must be a positive int"),
+    (dict(dropout=1.0), r"^dropout must be a rate in \[0, 1\)"),
     (dict(ffn="nonsense"), r"^ffn must be one of \('glu', 'plain'\)"),
     (dict(kernels="cuda"), r"^kernels must be one of \('auto', 'xla_cpu', 'plain'\)"),
     (dict(dtype="float33"), r"^dtype must be a dtype"),
-], ids=["heads", "odd-head", "ffn_dim", "ffn", "kernels", "dtype"])
+], ids=["heads", "odd-head", "ffn_dim", "dropout", "ffn", "kernels", "dtype"])
 def test_bad_config_fields_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
         TransformerConfig(**changes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
@@ -10,6 +12,7 @@ from retnet_jax.baselines.attention import CausalSelfAttention
 from retnet_jax.baselines.config import TransformerConfig
 from retnet_jax.baselines.kv_cache import KVCache
 from retnet_jax.config import Mode
+from retnet_jax.layers.block import dropout
 from retnet_jax.layers.feedforward import FeedForward
 from retnet_jax.layers.norms import Norm
 from retnet_jax.sharding import constrain
@@ -44,17 +47,21 @@ class TransformerBlock(nnx.Module):
         return kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
 
     def __call__(self, x_btd: jax.Array, state: KVCache | None = None, *, mode: Mode = "parallel",
-                 chunk_size: int | None = None) -> tuple[jax.Array, KVCache]:
+                 chunk_size: int | None = None, dropout_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache]:
         """`x [B, T, d]` -> `(x' [B, T, d], state)`; `state` as `CausalSelfAttention` takes it.
-        `mode` and `chunk_size` are there for `RetNetBlock`'s contract: every mode is one computation."""
+        `mode` and `chunk_size` are there for `RetNetBlock`'s contract: every mode is one computation.
+        `dropout_key`: drop `cfg.dropout` of each residual branch's outputs (training); None: none."""
+        keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        drop = functools.partial(dropout, self.cfg.dropout)
         x_btd = constrain(x_btd, TOKENS)
         if self.cfg.deepnorm:
             alpha = (2.0 * self.cfg.n_layers) ** 0.25
             y_btd, state = self.attention(x_btd, state)
-            x_btd = self.attention_norm(alpha * x_btd + y_btd)
-            x_btd = self.ffn_norm(alpha * x_btd + self.ffn(x_btd))
+            x_btd = self.attention_norm(alpha * x_btd + drop(y_btd, keys[0]))
+            x_btd = self.ffn_norm(alpha * x_btd + drop(self.ffn(x_btd), keys[1]))
         else:
             y_btd, state = self.attention(self.attention_norm(x_btd), state)
-            x_btd = x_btd + y_btd
-            x_btd = x_btd + self.ffn(self.ffn_norm(x_btd))
+            x_btd = x_btd + drop(y_btd, keys[0])
+            x_btd = x_btd + drop(self.ffn(self.ffn_norm(x_btd)), keys[1])
         return constrain(x_btd, TOKENS), state

@@ -45,6 +45,7 @@ class TransformerConfig:
     tie_embeddings: bool = False
     deepnorm: bool = False  # DeepNet post-norm blocks, as RetNet's
     remat: Literal["none", "projections", "full"] = "none"
+    dropout: float = 0.0  # on the embeddings and each residual branch, when a call passes dropout_key
     kernels: KernelChoice = "auto"  # retnet_jax/ops/kernels.py
 
     dtype: Any = jnp.float32
@@ -59,6 +60,8 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"d_model // n_heads = {self.head_dim} must be even (pairwise rotation)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a rate in [0, 1), got {self.dropout!r}")
         for name in ("dtype", "param_dtype"):
             try:
                 object.__setattr__(self, name, jnp.dtype(getattr(self, name)))

@@ -15,6 +15,7 @@ from retnet_jax.baselines.block import TransformerBlock
 from retnet_jax.baselines.config import TransformerConfig
 from retnet_jax.baselines.kv_cache import KVCache
 from retnet_jax.config import Mode
+from retnet_jax.layers.block import dropout
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
 from retnet_jax.model import LAYER_METADATA, MODES, check_tokens, embedding_table, remat_layer
@@ -63,6 +64,7 @@ class Transformer(nnx.Module):
         state: KVCache | None = None,
         chunk_size: int | None = None,
         last_only: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens [B, T]` (int), continuing from `state` (None: fresh sequences).
 
@@ -80,6 +82,8 @@ class Transformer(nnx.Module):
 
         last_only: the logits of the last position only, `[B, 1, vocab]` (the unembedding runs there
         alone: what a prefill needs).
+
+        dropout_key: a PRNG key to apply `cfg.dropout` (training); None (default): no dropout.
 
         Ids outside the vocabulary are refused when concrete; traced, their logits, and those of every
         later position and call of that sequence, are NaN (as in `RetNet`).
@@ -103,19 +107,24 @@ class Transformer(nnx.Module):
             x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
         if self.embed_norm is not None:
             x_btd = self.embed_norm(x_btd)
+        layer_keys = None
+        if dropout_key is not None and cfg.dropout > 0.0:
+            embed_key, layers_key = jax.random.split(dropout_key)
+            x_btd = dropout(cfg.dropout, x_btd, embed_key)
+            layer_keys = jax.random.split(layers_key, cfg.n_layers)
 
         graphdef, block_params = nnx.split(self.blocks)
         # One length per sequence for all layers, taken outside the layer scan: the rotation angles
         # and masks are then loop-invariant.
         length_b = jnp.zeros((batch,), jnp.int32) if state is None else state.length_b[0]
 
-        def layer(x_btd, params_and_state):
-            params, layer_state = params_and_state
+        def layer(x_btd, scanned):
+            params, layer_state, key = scanned
             if layer_state is not None:
                 layer_state = layer_state._replace(length_b=length_b)
-            return nnx.merge(graphdef, params)(x_btd, layer_state)
+            return nnx.merge(graphdef, params)(x_btd, layer_state, dropout_key=key)
 
-        x_btd, cache = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state))
+        x_btd, cache = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state, layer_keys))
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
