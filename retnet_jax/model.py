@@ -91,20 +91,7 @@ class RetNet(nnx.Module):
         # Ids outside the vocabulary can only reach here traced (under jit). Their logits, and those
         # of every later position and call of that sequence, become NaN: never a silent clamp.
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
-        # The table's width gathered first (as FSDP gathers every weight): a lookup into a table
-        # split on both axes is one XLA's partitioner can only do by replicating it.
-        table_vd = constrain(self.embed[...], ("vocab", None))
-        x_btd = jnp.take(table_vd, tokens_bt, axis=0, mode="clip")
-        x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
-        if cfg.scale_embedding:
-            x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
-        if self.embed_norm is not None:
-            x_btd = self.embed_norm(x_btd)
-        layer_keys = None
-        if dropout_key is not None and cfg.dropout > 0.0:
-            embed_key, layers_key = jax.random.split(dropout_key)
-            x_btd = dropout(cfg.dropout, x_btd, embed_key)
-            layer_keys = jax.random.split(layers_key, cfg.n_layers)
+        x_btd, layer_keys = embed_tokens(cfg, self.embed[...], self.embed_norm, tokens_bt, dropout_key)
 
         graphdef, block_params = nnx.split(self.blocks)
         # A model state advances all its layers together, so they share one position per sequence.
@@ -133,6 +120,28 @@ class RetNet(nnx.Module):
 # Names the layers give (with `jax.ad_checkpoint.checkpoint_name`) to the activations that
 # remat="projections" keeps for the backward pass.
 SAVED_ACTIVATIONS = ("projections", "retention", "ffn_in")
+
+
+def embed_tokens(cfg, table_vd: jax.Array, embed_norm, tokens_bt: jax.Array, dropout_key=None
+                 ) -> tuple[jax.Array, jax.Array | None]:
+    """`[B, T, d]` inputs of the first block (lookup, optional sqrt(d) scale and norm, dropout), and
+    one dropout key per layer (None without dropout). Shared by RetNet and the Transformer baseline.
+
+    Ids are clipped into the table here; callers poison the outputs of invalid ids.
+    """
+    # The table's width gathered first (as FSDP gathers every weight): a lookup into a table
+    # split on both axes is one XLA's partitioner can only do by replicating it.
+    table_vd = constrain(table_vd, ("vocab", None))
+    x_btd = jnp.take(table_vd, tokens_bt, axis=0, mode="clip")
+    x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
+    if cfg.scale_embedding:
+        x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
+    if embed_norm is not None:
+        x_btd = embed_norm(x_btd)
+    if dropout_key is None or cfg.dropout == 0.0:
+        return x_btd, None
+    embed_key, layers_key = jax.random.split(dropout_key)
+    return dropout(cfg.dropout, x_btd, embed_key), jax.random.split(layers_key, cfg.n_layers)
 
 
 def embedding_table(cfg, rngs: nnx.Rngs) -> nnx.Param:

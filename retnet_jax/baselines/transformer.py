@@ -15,10 +15,9 @@ from retnet_jax.baselines.block import TransformerBlock
 from retnet_jax.baselines.config import TransformerConfig
 from retnet_jax.baselines.kv_cache import KVCache
 from retnet_jax.config import Mode
-from retnet_jax.layers.block import dropout
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
-from retnet_jax.model import LAYER_METADATA, MODES, check_tokens, embedding_table, remat_layer
+from retnet_jax.model import LAYER_METADATA, MODES, check_tokens, embed_tokens, embedding_table, remat_layer
 from retnet_jax.ops.kernels import resolve_kernels
 from retnet_jax.sharding import constrain
 
@@ -98,20 +97,7 @@ class Transformer(nnx.Module):
             kv_cache.check_room(state.length_b[0], steps, state.key_bchk.shape[2])
 
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
-        # The table's width gathered first, as in RetNet (a lookup into a table split on both axes
-        # is one XLA's partitioner can only do by replicating it).
-        table_vd = constrain(self.embed[...], ("vocab", None))
-        x_btd = jnp.take(table_vd, tokens_bt, axis=0, mode="clip")
-        x_btd = constrain(x_btd.astype(cfg.dtype), ("batch", "length", "embed"))
-        if cfg.scale_embedding:
-            x_btd = x_btd * jnp.asarray(np.sqrt(cfg.d_model), cfg.dtype)
-        if self.embed_norm is not None:
-            x_btd = self.embed_norm(x_btd)
-        layer_keys = None
-        if dropout_key is not None and cfg.dropout > 0.0:
-            embed_key, layers_key = jax.random.split(dropout_key)
-            x_btd = dropout(cfg.dropout, x_btd, embed_key)
-            layer_keys = jax.random.split(layers_key, cfg.n_layers)
+        x_btd, layer_keys = embed_tokens(cfg, self.embed[...], self.embed_norm, tokens_bt, dropout_key)
 
         graphdef, block_params = nnx.split(self.blocks)
         # One length per sequence for all layers, taken outside the layer scan: the rotation angles
