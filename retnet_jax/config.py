@@ -13,6 +13,14 @@ from retnet_jax.ops.kernels import KernelChoice
 
 Mode = Literal["parallel", "chunkwise", "recurrent"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
+Activation = Literal["gelu", "swish"]
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +42,7 @@ class RetNetConfig:
     # gamma_h schedule, SPEC section 1; "torchscale": official as float32 rounds it (h >= 20: no decay)
     decay: Literal["official", "torchscale", "paper"] = "official"
     ffn: Literal["glu", "plain"] = "glu"  # 0.3.0's GLU or the paper's gelu(x W1) W2
-    activation: Literal["gelu", "swish"] = "gelu"  # of the FFN
+    activation: Activation = "gelu"  # of the FFN
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # block, final and embedding norms
     norm_eps: float = 1e-6
     head_norm: Literal["rmsnorm", "layernorm", "groupnorm"] = "rmsnorm"  # per-head output norm

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retnet_jax.config import MODES, Mode, RetNetConfig
+from retnet_jax.config import Mode, RetNetConfig, check_mode
 from retnet_jax.layers.block import RetNetBlock, dropout
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
@@ -82,8 +82,7 @@ class RetNet(nnx.Module):
         """
         cfg = self.cfg
         tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         chunk_size = check_chunk_size(cfg.chunk_size if chunk_size is None else chunk_size)
         batch = tokens_bt.shape[0]
         state = self.init_state(batch) if state is None else _check_model_state(state, self, batch)

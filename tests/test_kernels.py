@@ -138,3 +138,19 @@ def test_only_the_kernels_module_reads_the_backend():
     readers = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
                      if re.search(r"default_backend\(", p.read_text()))
     assert readers == ["ops/kernels.py"]
+
+
+@pytest.mark.parametrize("kernels", ["xla_cpu", "plain"])
+def test_a_decode_step_reads_each_weight_as_stored(kernels):
+    """The compiled one-token step concatenates, copies or transposes nothing the size of a weight
+    matrix: the fused kernels are contracted as they are stored, once per step."""
+    cfg = RetNetConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, value_dim=256, ffn_dim=256,
+                       kernels=kernels)
+    model = RetNet(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    step = jax.jit(lambda p, t, s: nnx.merge(graphdef, p)(t, mode="recurrent", state=s))
+    hlo = step.lower(params, jnp.zeros((1, 1), jnp.int32), model.init_state(1)).compile().as_text()
+    smallest_weight = min(x[0].size for x in jax.tree.leaves(params) if x.ndim >= 3)  # per layer
+    shapes = re.findall(r"= \w+\[([\d,]*)\]\{[\d,]*\} (?:concatenate|copy|transpose)\(", hlo)
+    sizes = [int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes]
+    assert max(sizes, default=0) < smallest_weight, sizes

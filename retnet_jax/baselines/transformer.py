@@ -14,10 +14,10 @@ from retnet_jax.baselines import kv_cache
 from retnet_jax.baselines.block import TransformerBlock
 from retnet_jax.baselines.config import TransformerConfig
 from retnet_jax.baselines.kv_cache import KVCache
-from retnet_jax.config import Mode
+from retnet_jax.config import Mode, check_mode
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
-from retnet_jax.model import LAYER_METADATA, MODES, check_tokens, embed_tokens, embedding_table, remat_layer
+from retnet_jax.model import LAYER_METADATA, check_tokens, embed_tokens, embedding_table, remat_layer
 from retnet_jax.ops.kernels import resolve_kernels
 from retnet_jax.sharding import constrain
 
@@ -89,8 +89,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         tokens_bt = check_tokens(tokens_bt, cfg.vocab_size)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         batch, steps = tokens_bt.shape
         if state is not None:
             state = _check_cache(state, cfg, batch)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 
-ACTIVATIONS = ("gelu", "swish")  # gelu: exact (erf), torch's default; swish = silu
+from retnet_jax.config import ACTIVATIONS  # gelu: exact (erf), torch's default; swish = silu
 
 
 def value_and_slope(name: str, x: jax.Array) -> tuple[jax.Array, jax.Array]:

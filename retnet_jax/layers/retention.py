@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from retnet_jax.config import Mode, RetNetConfig
+from retnet_jax.config import Mode, RetNetConfig, check_mode
 from retnet_jax.layers.fused import fused_projection
 from retnet_jax.layers.gated_projection import gated_projection
 from retnet_jax.layers.initializers import xavier_uniform
@@ -78,10 +78,8 @@ class MultiScaleRetention(nnx.Module):
         elif mode == "chunkwise":
             o_bthv, state = chunkwise_retention(
                 q_bthk, k_bthk, v_bthv, log_decay_h, state, chunk_size=chunk_size, kernels=self.kernels)
-        elif mode == "recurrent":
+        elif check_mode(mode) == "recurrent":
             o_bthv, state = recurrent_retention(q_bthk, k_bthk, v_bthv, log_decay_h, state)
-        else:
-            raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
 
         o_bthv = checkpoint_name(constrain(o_bthv, ("batch", "length", "heads", "head_dim")), "retention")
         y_btd = gated_projection("swish", gate_bthv, self.head_norm(o_bthv), self.out_proj[...],
