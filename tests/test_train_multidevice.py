@@ -66,3 +66,11 @@ def test_megatron_and_fsdp_layout_of_a_trained_retnet(report):
     assert placed["params.blocks.retention.qkvg_proj"][0] == "P(None, 'fsdp', 'tensor', None)"
     assert placed["mu.blocks.ffn.in_proj"][0] == "P(None, 'fsdp', None, 'tensor')"
     assert placed["nu.embed"][0] == "P('tensor', 'fsdp')"
+
+
+@pytest.mark.slow
+def test_a_batch_the_mesh_cannot_split_is_refused(report):
+    assert report["errors"] == {
+        "batch": "mesh: batch_size=6 cannot be split over data x fsdp = 4 x 2 = 8 devices",
+        "micro_batches": "mesh: batch_size=16 (micro-batches of 4 rows) cannot be split over data x "
+                         "fsdp = 4 x 2 = 8 devices"}

@@ -70,10 +70,24 @@ def run(family: str, shape: MeshShape | None) -> dict:
     return {"losses": losses, "placed": placed, "mesh": dict(mesh.shape)}
 
 
+def mesh_errors() -> dict[str, str]:
+    """The messages of batches a mesh cannot split (these need more than one device)."""
+    cases = {"batch": config("retnet", MeshShape(4, 2, 1)).replace(batch_size=6),
+             "micro_batches": config("retnet", MeshShape(4, 2, 1)).replace(batch_size=16, micro_batches=4)}
+    out = {}
+    for name, cfg in cases.items():
+        try:
+            run_mesh(cfg, cfg.model_config(VOCAB))
+        except ValueError as err:
+            out[name] = str(err)
+    return out
+
+
 def main():
     assert jax.device_count() == 8, jax.devices()
     report = {family: {name: run(family, shape) for name, shape in MESHES.items()}
               for family in (sys.argv[1:] or ["retnet", "transformer"])}
+    report["errors"] = mesh_errors()
     print("RESULT " + json.dumps(report))
 
 

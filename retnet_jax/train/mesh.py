@@ -26,7 +26,10 @@ def run_mesh(cfg: TrainConfig, model_cfg) -> jax.sharding.Mesh:
         if size % devices:
             raise ValueError(f"mesh: {axis}={devices} does not divide the model's {field}={size} "
                              f"({what} split over {axis})")
-    mesh = make_mesh(shape.data, shape.fsdp, shape.tensor)
+    try:
+        mesh = make_mesh(shape.data, shape.fsdp, shape.tensor)
+    except ValueError as err:
+        raise ValueError(f"mesh: {str(err).removeprefix('make_mesh: ')}") from None
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = cfg.batch_size // cfg.micro_batches
     if rows % batch_devices:
