@@ -81,17 +81,7 @@ class RetNetConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model // n_heads = {self.d_model // self.n_heads} must be even (pairwise rotation)")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a rate in [0, 1), got {self.dropout!r}")
-        for name in _DTYPE_FIELDS:
-            try:
-                object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
-            except TypeError as err:
-                raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
-                                 f"got {getattr(self, name)!r}") from err
-        for name, allowed in literal_choices(type(self)).items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_shared_fields(self)
 
     @property
     def key_head_dim(self) -> int:
@@ -129,6 +119,22 @@ class RetNetConfig:
 
 
 _DTYPE_FIELDS = ("dtype", "param_dtype")
+
+
+def check_shared_fields(cfg) -> None:
+    """Checks every model config needs (RetNetConfig, TransformerConfig): the dropout rate, the
+    dtypes (stored as `jnp.dtype`), and each `Literal` field's value."""
+    if not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be a rate in [0, 1), got {cfg.dropout!r}")
+    for name in _DTYPE_FIELDS:
+        try:
+            object.__setattr__(cfg, name, jnp.dtype(getattr(cfg, name)))
+        except TypeError as err:
+            raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
+                             f"got {getattr(cfg, name)!r}") from err
+    for name, allowed in literal_choices(type(cfg)).items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
 
 
 @functools.cache

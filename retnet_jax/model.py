@@ -52,8 +52,7 @@ class RetNet(nnx.Module):
         call RetNet and the Transformer baseline (whose KV cache has a capacity) alike.
         """
         cfg = self.cfg
-        one = init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_layers, *x.shape)), one)
+        return per_layer(init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim), cfg.n_layers)
 
     def __call__(
         self,
@@ -119,6 +118,11 @@ class RetNet(nnx.Module):
 # Names the layers give (with `jax.ad_checkpoint.checkpoint_name`) to the activations that
 # remat="projections" keeps for the backward pass.
 SAVED_ACTIVATIONS = ("projections", "retention", "ffn_in")
+
+
+def per_layer(state, n_layers: int):
+    """One layer's state broadcast to a model's: every leaf gets a leading `[L]` axis."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n_layers, *x.shape)), state)
 
 
 def embed_tokens(cfg, table_vd: jax.Array, embed_norm, tokens_bt: jax.Array, dropout_key=None

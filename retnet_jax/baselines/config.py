@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retnet_jax.config import RetNetConfig, literal_choices
+from retnet_jax.config import RetNetConfig, check_shared_fields
 from retnet_jax.model import RetNet
 from retnet_jax.ops.kernels import KernelChoice
 
@@ -60,17 +60,7 @@ class TransformerConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.head_dim % 2:
             raise ValueError(f"d_model // n_heads = {self.head_dim} must be even (pairwise rotation)")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a rate in [0, 1), got {self.dropout!r}")
-        for name in ("dtype", "param_dtype"):
-            try:
-                object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
-            except TypeError as err:
-                raise ValueError(f"{name} must be a dtype such as jnp.bfloat16 or 'float32', "
-                                 f"got {getattr(self, name)!r}") from err
-        for name, allowed in literal_choices(type(self)).items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_shared_fields(self)
 
     @property
     def head_dim(self) -> int:

@@ -17,7 +17,8 @@ from retnet_jax.baselines.kv_cache import KVCache
 from retnet_jax.config import Mode, check_mode
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
-from retnet_jax.model import LAYER_METADATA, check_tokens, embed_tokens, embedding_table, remat_layer
+from retnet_jax.model import (LAYER_METADATA, check_tokens, embed_tokens, embedding_table, per_layer,
+                              remat_layer)
 from retnet_jax.ops.kernels import resolve_kernels
 from retnet_jax.sharding import constrain
 
@@ -52,8 +53,7 @@ class Transformer(nnx.Module):
         """An empty cache for `batch` sequences of up to `capacity` tokens each (prompt included):
         keys and values `[L, B, C, H, dh]` at zero, lengths `[L, B]` at 0."""
         cfg = self.cfg
-        one = kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.n_layers, *x.shape)), one)
+        return per_layer(kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype), cfg.n_layers)
 
     def __call__(
         self,
