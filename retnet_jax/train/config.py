@@ -107,7 +107,7 @@ class TrainConfig:
     mesh: MeshShape = dataclasses.field(default_factory=MeshShape)
     workdir: str = "runs/main"
     log_every: int = 10
-    eval_every: int = 100  # 0: only at the end
+    eval_every: int = 100  # and at the end; 0: no evaluation
     eval_batches: int | None = 16  # per periodic evaluation (None: all); the final one reads all
     checkpoint_every: int = 100
     keep_checkpoints: int = 3

@@ -3,7 +3,7 @@
 Everything that can be wrong with a run (config, data, mesh, resume) is checked before anything is
 written. Then: batches placed on the mesh, one jitted step per batch (the host fetches a step's
 metrics only after the next step is queued, so the device never waits on logging), metrics every
-`log_every` steps, validation every `eval_every`, asynchronous checkpoints every `checkpoint_every`
+`log_every` steps, validation every `eval_every` and at the end, asynchronous checkpoints every `checkpoint_every`
 and on SIGTERM/SIGINT, and at the end a final validation, checkpoint, loss plot and sample.
 """
 
@@ -108,10 +108,12 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
     batches = lm_dataset(config.data, "train", seq_len=config.seq_len, batch_size=config.batch_size,
                          tokenizer=tokenizer, seed=config.seed, process_index=shard_index,
                          process_count=shard_count)
-    try:
-        validation, note = open_validation(config, tokenizer, mesh), None
-    except ValueError as err:  # a small folder may hold no validation documents: train anyway
-        validation, note = None, f"no validation loss for this run: {err}"
+    validation, note = None, None
+    if config.eval_every:
+        try:
+            validation = open_validation(config, tokenizer, mesh)
+        except ValueError as err:  # a small folder may hold no validation documents: train anyway
+            note = f"no validation loss for this run: {err}"
 
     cls = model_class(config.family)
     model = abstract_model(cls, model_cfg, mesh)
@@ -167,7 +169,7 @@ def _loop(config: TrainConfig, run: _Run, stop: StopRequest, *, say, progress: b
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     window: list[dict[str, float]] = []
     window_start, window_steps, excluded = time.perf_counter(), 0, 0.0
-    throughput: list[float] = []
+    timed = {"steps": 0, "seconds": 0.0}  # every step after the first (compiling) one, eval excluded
 
     def drain(upto: int) -> None:
         """Bring the metrics of steps <= `upto` to the host; stop at a non-finite loss."""
@@ -209,8 +211,8 @@ def _loop(config: TrainConfig, run: _Run, stop: StopRequest, *, say, progress: b
                   "learning_rate": window[-1]["learning_rate"], "grad_norm": window[-1]["grad_norm"],
                   "tokens_per_s": tokens_per_s}
         writer.write(record)
-        if tokens_per_s:
-            throughput.append(tokens_per_s)
+        timed["steps"] += window_steps
+        timed["seconds"] += elapsed
         summary["loss"] = record["loss"]
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         window, window_start, window_steps, excluded = [], time.perf_counter(), 0, 0.0
@@ -268,7 +270,8 @@ def _loop(config: TrainConfig, run: _Run, stop: StopRequest, *, say, progress: b
     if main:
         summary["plot"] = str(plot_losses(run.workdir, title=f"{config.family}, {config.data}"))
     summary.update(step=step, checkpoint=str(checkpointer.directory / str(step)),
-                   tokens_per_s=sorted(throughput)[len(throughput) // 2] if throughput else None,
+                   tokens_per_s=(timed["steps"] * tokens_per_step / timed["seconds"]
+                                 if timed["steps"] else None),
                    byte_entropy=byte_entropy(config, run.tokenizer) if run.validation else None,
                    sample=None)
     if summary["status"] == "completed" and config.sample_tokens:

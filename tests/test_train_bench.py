@@ -1,0 +1,40 @@
+"""experiments/bench_training.py runs end to end in its smoke mode, so it cannot rot between runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_training.py"
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """The script with its results folder moved to `tmp_path` (the committed results stay as they are)."""
+    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_model_compile_times_and_the_loop(bench, tmp_path, capsys):
+    assert bench.main(["--quick"]) == 0
+    result = json.loads((tmp_path / "bench_training_quick.json").read_text())
+    assert (tmp_path / "bench_training_quick.png").read_bytes()[:4] == b"\x89PNG"
+    kinds = {(r["family"], r["mode"]) for r in result["steps"] if r["tokens_per_s"] > 0}
+    assert kinds == {("retnet", "chunkwise"), ("retnet", "parallel"), ("transformer", "parallel")}
+    assert all(r["xla_bytes"] > 0 and r["peak_rss_bytes"] > 0 and r["gflops"] > 0 for r in result["steps"])
+    assert [r["layers"] for r in result["compile"]] == [2, 4]
+    assert result["loop"]["loop_tokens_per_s"][0] > 0 and result["loop"]["bare_tokens_per_s"][0] > 0
+    assert set(result["checks"]) >= {"compile_24_over_6_layers", "loop_over_bare_step"}
+    assert "retnet chunkwise" in capsys.readouterr().out
+
+
+def test_quick_run_refuses_to_overwrite_the_full_results(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(bench.RESULTS / bench.FULL)])
