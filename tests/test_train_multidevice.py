@@ -43,8 +43,9 @@ def test_three_steps_on_a_mesh_give_the_one_device_losses(report, family, mesh):
     expected = report[family]["1 device"]["losses"]
     got = report[family][mesh]["losses"]
     assert len(got) == len(expected) == 3
-    for step, (a, b) in enumerate(zip(got, expected), start=1):
-        assert relative_error(a, b) <= TOL, (step, a, b)
+    errors = [relative_error(a, b) for a, b in zip(got, expected)]
+    print(f"\n{family} on {mesh} vs one device, relative loss difference per step: {errors}")
+    assert max(errors) <= TOL, (got, expected)
 
 
 @pytest.mark.slow

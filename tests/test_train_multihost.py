@@ -75,8 +75,9 @@ def test_two_processes_agree_with_one_process_on_the_same_global_batches(runs):
     root, _ = runs
     two, one = losses(root / "two"), losses(root / "single")
     assert len(two) == len(one) == STEPS
-    for step, (a, b) in enumerate(zip(two, one), start=1):
-        assert relative_error(a, b) <= 1e-5, (step, a, b)
+    errors = [relative_error(a, b) for a, b in zip(two, one)]
+    print(f"\ntwo processes vs one, relative loss difference per step: {errors}")
+    assert max(errors) <= 1e-5, (two, one)
 
 
 def test_only_process_0_writes_metrics_and_both_share_one_checkpoint(runs):
