@@ -3,12 +3,13 @@
 Everything that can be wrong with a run (config, data, mesh, resume) is checked before anything is
 written. Then: batches placed on the mesh, one jitted step per batch (the host fetches a step's
 metrics only after the next step is queued, so the device never waits on logging), metrics every
-`log_every` steps, validation every `eval_every` and at the end, asynchronous checkpoints every `checkpoint_every`
+`log_every` steps, validation every `eval_every`, asynchronous checkpoints every `checkpoint_every`
 and on SIGTERM/SIGINT, and at the end a final validation, checkpoint, loss plot and sample.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -17,21 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from retnet_jax.data import lm_dataset
+from retnet_jax.data import LMIterator, Tokenizer, lm_dataset
 from retnet_jax.sampling.text import generate_text
 from retnet_jax.train import distributed
-from retnet_jax.train.checkpointing import Checkpointer
+from retnet_jax.train.checkpointing import Checkpointer, checkpoint_dir
 from retnet_jax.train.config import TrainConfig
-from retnet_jax.train.evaluation import byte_entropy, open_validation
+from retnet_jax.train.evaluation import Validation, byte_entropy, open_validation
 from retnet_jax.train.load import CONFIG_FILE, keep_tokenizer, model_class, read_config, run_tokenizer
 from retnet_jax.train.mesh import run_mesh
 from retnet_jax.train.metrics import MetricsWriter, eval_record, plot_losses
 from retnet_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from retnet_jax.train.signals import StopRequest
 from retnet_jax.train.state import (
+    Model,
     TrainState,
     abstract_model,
     abstract_train_state,
@@ -77,11 +80,24 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
     return result
 
 
+@dataclasses.dataclass(frozen=True)
 class _Run:
     """Everything built and checked before the loop starts (nothing written yet)."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    workdir: Path
+    resume: bool
+    tokenizer: Tokenizer
+    model_cfg: Any  # RetNetConfig or TransformerConfig
+    mesh: jax.sharding.Mesh
+    sharding: jax.sharding.NamedSharding  # of a batch
+    batches: LMIterator  # this process's rows of the training batches
+    validation: Validation | None
+    validation_note: str | None
+    cls: type
+    model: Model
+    optimizer: optax.GradientTransformation
+    shardings: TrainState
+    schedule: optax.Schedule
 
 
 def _prepare(config: TrainConfig, resume: bool) -> _Run:
@@ -126,7 +142,7 @@ def _prepare(config: TrainConfig, resume: bool) -> _Run:
 
 
 def _latest_checkpoint(workdir: Path) -> int | None:
-    if not (workdir / "checkpoints").is_dir():
+    if not checkpoint_dir(workdir).is_dir():
         return None
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
