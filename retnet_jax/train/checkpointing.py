@@ -34,14 +34,16 @@ class Checkpointer:
     """
 
     def __init__(self, workdir, *, keep: int = 3, keep_best: bool = False, read_only: bool = False):
-        policies = [checkpoint_managers.LatestN(keep)]
-        if keep_best:
-            policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=1,
-                keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=not read_only, create=not read_only, read_only=read_only)
+        if read_only:  # a reader: creates nothing, deletes nothing (it never saves)
+            options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+        else:
+            policies = [checkpoint_managers.LatestN(keep)]
+            if keep_best:
+                policies.append(checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics["val_loss"], reverse=True, n=1,
+                    keep_checkpoints_without_metrics=False))
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
