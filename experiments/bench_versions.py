@@ -49,9 +49,9 @@ for _ in range(2):
     jax.block_until_ready(step(params, tokens))
 print("ready", flush=True)
 for line in sys.stdin:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     loss, _ = jax.block_until_ready(step(params, tokens))
-    print(f"{time.perf_counter() - start:.6f} {float(loss):.6f}", flush=True)
+    print(f"{time.perf_counter() - start:.6f} {time.process_time() - cpu:.6f} {float(loss):.6f}", flush=True)
 """
 
 
@@ -66,10 +66,12 @@ def start_worker(pythonpath: Path, length: int) -> subprocess.Popen:
     return proc
 
 
-def timed_step(proc: subprocess.Popen) -> float:
+def timed_step(proc: subprocess.Popen) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all the worker's threads) of one step."""
     proc.stdin.write("go\n")
     proc.stdin.flush()
-    return float(proc.stdout.readline().split()[0])
+    wall, cpu, _ = proc.stdout.readline().split()
+    return float(wall), float(cpu)
 
 
 def main(argv=None) -> dict:
@@ -88,16 +90,21 @@ def main(argv=None) -> dict:
         try:
             workers = {"baseline": start_worker(worktree, args.length), "current": start_worker(ROOT, args.length)}
             times: dict[str, list[float]] = {name: [] for name in workers}
+            cpu_times: dict[str, list[float]] = {name: [] for name in workers}
             for r in range(args.rounds):
                 order = list(workers) if r % 2 == 0 else list(workers)[::-1]  # alternate who goes first
                 for name in order:
-                    times[name].append(timed_step(workers[name]))
+                    wall, cpu = timed_step(workers[name])
+                    times[name].append(wall)
+                    cpu_times[name].append(cpu)
             for proc in workers.values():
                 proc.stdin.close()
                 proc.wait(timeout=60)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
     ratios = np.asarray(times["baseline"]) / np.asarray(times["current"])
+    # CPU time of the step's threads: less sensitive than wall time to other programs on the machine.
+    cpu_ratios = np.asarray(cpu_times["baseline"]) / np.asarray(cpu_times["current"])
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "load_average": os.getloadavg()},
@@ -105,12 +112,16 @@ def main(argv=None) -> dict:
         "seconds": times, "median_seconds": {k: float(np.median(v)) for k, v in times.items()},
         "ratio_median": float(np.median(ratios)),
         "ratio_quartiles": [float(np.quantile(ratios, 0.25)), float(np.quantile(ratios, 0.75))],
+        "cpu_seconds": cpu_times, "cpu_ratio_median": float(np.median(cpu_ratios)),
+        "cpu_ratio_quartiles": [float(np.quantile(cpu_ratios, 0.25)), float(np.quantile(cpu_ratios, 0.75))],
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     print(f"T={args.length}, {args.rounds} rounds: baseline {commit[:7]} {result['median_seconds']['baseline']:.3f} s, "
           f"current {result['median_seconds']['current']:.3f} s per step (median); current/baseline speed "
           f"{result['ratio_median']:.3f}x (quartiles {result['ratio_quartiles'][0]:.3f}-"
-          f"{result['ratio_quartiles'][1]:.3f}); load average {result['machine']['load_average']}")
+          f"{result['ratio_quartiles'][1]:.3f}); by CPU time {result['cpu_ratio_median']:.3f}x (quartiles "
+          f"{result['cpu_ratio_quartiles'][0]:.3f}-{result['cpu_ratio_quartiles'][1]:.3f}); load average "
+          f"{result['machine']['load_average']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
