@@ -48,19 +48,19 @@ def test_the_transformer_family_is_the_baseline_of_the_same_size():
 
 
 def test_json_round_trip_and_yaml_file(tmp_path):
-    cfg = TrainConfig(steps=7, model={"d_model": 128}, mesh=MeshShape(data=2, tensor=2))
+    cfg = TrainConfig(steps=7, model={"d_model": 96}, mesh=MeshShape(data=2, tensor=2))
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
-    (tmp_path / "run.yaml").write_text("steps: 7\nmodel: {d_model: 128}\nmesh: {data: 2, tensor: 2}\n")
+    (tmp_path / "run.yaml").write_text("steps: 7\nmodel: {d_model: 96}\nmesh: {data: 2, tensor: 2}\n")
     assert TrainConfig.from_file(tmp_path / "run.yaml") == cfg
     (tmp_path / "run.json").write_text(cfg.to_json())
     assert TrainConfig.from_file(tmp_path / "run.json") == cfg
 
 
 def test_overrides_read_yaml_scalars_into_fields_model_and_mesh():
-    cfg = TrainConfig().override(["steps=100", "learning_rate=1e-3", "model.d_model=128",
+    cfg = TrainConfig().override(["steps=100", "learning_rate=1e-3", "model.d_model=96",
                                   "mesh.tensor=2", "clip_norm=null", "precision=bfloat16"])
     assert (cfg.steps, cfg.learning_rate, cfg.model, cfg.mesh.tensor, cfg.clip_norm, cfg.precision) == (
-        100, 1e-3, {"d_model": 128}, 2, None, "bfloat16")
+        100, 1e-3, {"d_model": 96}, 2, None, "bfloat16")
 
 
 def test_mesh_flag_parses_axis_sizes():
@@ -95,8 +95,8 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_differences_name_model_and_data_fields_but_not_run_control():
-    saved = TrainConfig(model={"d_model": 128}).to_dict()
-    now = TrainConfig(model={"d_model": 256}, steps=5000, mesh=MeshShape(tensor=2), seq_len=512)
-    assert now.differences(saved, 257) == ["model.d_model: checkpoint 128, now 256",
+    saved = TrainConfig(model={"d_model": 96}).to_dict()
+    now = TrainConfig(model={"d_model": 192}, steps=5000, mesh=MeshShape(tensor=2), seq_len=512)
+    assert now.differences(saved, 257) == ["model.d_model: checkpoint 96, now 192",
                                            "seq_len: checkpoint 256, now 512"]
     assert TrainConfig(steps=9999, eval_every=3).differences(TrainConfig().to_dict(), 257) == []
