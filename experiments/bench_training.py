@@ -11,15 +11,17 @@
    state). Memory is XLA's compiled memory analysis (arguments + outputs + scratch) and the peak RSS
    of a process that ran only that step. Achieved FLOP/s count the matmul FLOPs the step executes
    (forward x 3; masked halves of causal blocks included, as the hardware does them) against the
-   float32 matmul rate measured in the same run.
-2. Compile time of the train step with 6 and with 24 layers (the layers are one `lax.scan`).
+   float32 matmul rate measured in the same process right after the step's timing (a shared
+   machine's speed drifts over a long run; the run's start also records one).
+2. Compile time of the train step with 6 and with 24 layers (the layers are one `lax.scan`):
+   trace + lower, and XLA compile, each the median of 3 fresh processes per depth.
 3. The loop: `train()` on the main job's config (data pipeline, metrics, progress bar,
    checkpoints) against its bare jitted step fed pre-placed batches, the two taking turns.
 
 Each measurement of 1 and 2 runs in a fresh process (peak RSS is per process; compile caches stay
-cold); `--quick` runs them all in one process. Writes a table to stdout and JSON + PNG to experiments/results/bench_training.{json,png}
-(`--quick`: bench_training_quick.*). Re-runs itself with transparent huge pages, as
-bench_retention.py does.
+cold); `--quick` runs them all in one process. Writes a table to stdout and JSON + PNG to
+experiments/results/bench_training.{json,png} (`--quick`: bench_training_quick.*). Re-runs itself
+with transparent huge pages, as bench_retention.py does.
 """
 
 from __future__ import annotations
@@ -141,8 +143,10 @@ def measure_step(family: str, mode: str, length: int, widths: dict, repeats: int
             times.append(time.perf_counter() - began)
     seconds = float(np.median(times))
     flops = executed_flops(model_cfg, family, mode, length)
+    rate = matmul_gflops(2)  # measured here and now: a shared machine's speed drifts between points
     return {"family": family, "mode": mode, "T": length, "seconds": seconds, "step_seconds": times,
             "tokens_per_s": length / seconds, "gflops": flops / seconds / 1e9, "compile_s": compile_s,
+            "matmul_gflops": rate, "fraction_of_matmul": flops / seconds / 1e9 / rate,
             "xla_bytes": memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes,
             "xla_temp_bytes": memory.temp_size_in_bytes,
@@ -151,15 +155,18 @@ def measure_step(family: str, mode: str, length: int, widths: dict, repeats: int
 
 
 def measure_compile(layers: int, widths: dict, length: int) -> dict:
-    """Lower + compile time of the RetNet train step with `layers` layers (fresh process)."""
+    """Trace + lower and XLA compile times of the RetNet train step with `layers` layers."""
     cfg = step_config("retnet", "chunkwise", length, {**widths, "n_layers": layers})
     step, fresh_state, _, mesh = build_step(cfg)
     batch = {"inputs": np.zeros((1, length), np.int32), "targets": np.zeros((1, length), np.int32)}
     with jax.set_mesh(mesh):
         state = fresh_state()
         began = time.perf_counter()
-        step.lower(state, batch).compile()
-    return {"layers": layers, "compile_s": time.perf_counter() - began}
+        lowered = step.lower(state, batch)
+        lowered_at = time.perf_counter()
+        lowered.compile()
+    return {"layers": layers, "lower_s": lowered_at - began, "xla_compile_s": time.perf_counter() - lowered_at,
+            "compile_s": time.perf_counter() - began}
 
 
 def in_fresh_process(kind: str, spec: dict, timeout: float, fresh: bool = True) -> dict:
@@ -209,7 +216,7 @@ def bench_loop(cfg: TrainConfig, rounds: int) -> dict:
             "loop_over_bare": ratios, "median_loop_over_bare": float(np.median(ratios))}
 
 
-def plot(rows: list[dict], rate: float, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,9 +231,9 @@ def plot(rows: list[dict], rate: float, path: Path) -> None:
         lengths = [r["T"] for r in points]
         axes[0].loglog(lengths, [r["tokens_per_s"] for r in points], "o-", base=2, label=label)
         axes[1].loglog(lengths, [r["xla_bytes"] / 2**30 for r in points], "o-", base=2, label=label)
-        axes[2].semilogx(lengths, [r["gflops"] / rate for r in points], "o-", base=2, label=label)
+        axes[2].semilogx(lengths, [r["fraction_of_matmul"] for r in points], "o-", base=2, label=label)
     for ax, title in zip(axes, ("train-step tokens/s (batch 1)", "XLA memory of the step (GiB)",
-                                f"achieved / matmul rate ({rate:.0f} GFLOP/s)")):
+                                "achieved FLOP/s / float32 matmul rate")):
         ax.set_title(title)
         ax.set_xlabel("sequence length T")
         ax.grid(True, which="both", alpha=0.3)
@@ -236,7 +243,7 @@ def plot(rows: list[dict], rate: float, path: Path) -> None:
     plt.close(fig)
 
 
-def table(rows: list[dict], rate: float) -> str:
+def table(rows: list[dict]) -> str:
     lines = [f"{'model':<20} {'T':>6} {'tokens/s':>9} {'step':>9} {'GFLOP/s':>8} {'of matmul':>9} "
              f"{'XLA mem':>9} {'peak RSS':>9}"]
     for r in rows:
@@ -245,7 +252,7 @@ def table(rows: list[dict], rate: float) -> str:
             lines.append(f"{name:<20} {r['T']:>6}  {r['error']}")
             continue
         lines.append(f"{name:<20} {r['T']:>6} {r['tokens_per_s']:>9.0f} {r['seconds'] * 1e3:>7.0f}ms "
-                     f"{r['gflops']:>8.1f} {r['gflops'] / rate:>9.0%} {r['xla_bytes'] / 2**30:>7.2f}G "
+                     f"{r['gflops']:>8.1f} {r['fraction_of_matmul']:>9.0%} {r['xla_bytes'] / 2**30:>7.2f}G "
                      f"{r['peak_rss_bytes'] / 2**30:>7.2f}G")
     return "\n".join(lines)
 
@@ -265,9 +272,11 @@ def checks(rows: list[dict], compile_rows: list[dict], loop: dict, at: int) -> d
         else:
             out[f"{name}_at_{at}"] = next((r.get("error") for r in rows if (r["family"], r["mode"]) == other
                                            and r["T"] == at), "not run")
-    times = {r["layers"]: r["compile_s"] for r in compile_rows if "compile_s" in r}
-    if len(times) == 2:
-        out["compile_24_over_6_layers"] = times[max(times)] / times[min(times)]
+    depths = sorted({r["layers"] for r in compile_rows if "compile_s" in r})
+    if len(depths) == 2:
+        for key in ("compile_s", "xla_compile_s"):
+            median = {d: float(np.median([r[key] for r in compile_rows if r.get("layers") == d])) for d in depths}
+            out[f"{key.removesuffix('_s')}_{depths[1]}_over_{depths[0]}_layers"] = median[depths[1]] / median[depths[0]]
     out["loop_over_bare_step"] = loop["median_loop_over_bare"]
     return out
 
@@ -277,7 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per point (median kept)")
     parser.add_argument("--loop-steps", type=int, default=60)
-    parser.add_argument("--loop-rounds", type=int, default=2)
+    parser.add_argument("--loop-rounds", type=int, default=3)
+    parser.add_argument("--compile-rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured point")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--no-hugepages", action="store_true")
@@ -298,7 +308,7 @@ def main(argv=None) -> int:
         widths, args.lengths, args.repeats, compile_length, at = QUICK_WIDTHS, [64], 1, 64, 64
         loop_cfg = TrainConfig(preset="tiny", seq_len=64, batch_size=4, steps=8, log_every=4,
                                eval_every=0, checkpoint_every=4, sample_tokens=0)
-        args.loop_rounds = 1
+        args.loop_rounds, args.compile_rounds = 1, 1
     out = args.out or RESULTS / (QUICK if args.quick else FULL)
     if args.quick and out.resolve() == (RESULTS / FULL).resolve():
         parser.error(f"--quick must not overwrite the committed {FULL}")
@@ -316,15 +326,17 @@ def main(argv=None) -> int:
             row = in_fresh_process("step", spec, args.timeout, fresh=not args.quick)
             row.setdefault("T", length)
             rows.append(row)
-            print(table([row], rate).splitlines()[-1], flush=True)
+            print(table([row]).splitlines()[-1], flush=True)
 
-    print(f"\ncompile time of the train step (T={compile_length})")
+    print(f"\ncompile time of the train step (T={compile_length}; fresh processes, depths alternating)")
     compile_rows = []
-    for layers in ((2, 4) if args.quick else (6, 24)):
-        compile_rows.append(in_fresh_process("compile", {"layers": layers, "widths": widths,
-                                                         "length": compile_length}, args.timeout,
-                                             fresh=not args.quick))
-        print(f"  {layers:>2} layers: {compile_rows[-1].get('compile_s', float('nan')):.1f} s", flush=True)
+    for _ in range(args.compile_rounds):
+        for layers in ((2, 4) if args.quick else (6, 24)):
+            row = in_fresh_process("compile", {"layers": layers, "widths": widths,
+                                               "length": compile_length}, args.timeout, fresh=not args.quick)
+            compile_rows.append(row)
+            print(f"  {layers:>2} layers: trace + lower {row.get('lower_s', float('nan')):.1f} s, XLA compile "
+                  f"{row.get('xla_compile_s', float('nan')):.1f} s", flush=True)
 
     print(f"\nthe train loop against its bare step ({loop_cfg.steps} steps, batch {loop_cfg.batch_size} "
           f"x {loop_cfg.seq_len})")
@@ -332,11 +344,11 @@ def main(argv=None) -> int:
 
     result = {"machine": info, "matmul_gflops": rate, "widths": widths, "steps": rows,
               "compile": compile_rows, "loop": loop, "checks": checks(rows, compile_rows, loop, at)}
-    print("\n" + table(rows, rate))
+    print("\n" + table(rows))
     print("\nchecks: " + json.dumps(result["checks"], indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    plot(rows, rate, out.with_suffix(".png"))
+    plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
 

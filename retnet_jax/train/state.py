@@ -36,13 +36,17 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def param_shapes(model: Model):
+    """`jax.ShapeDtypeStruct`s shaped like `TrainState.params`."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                        nnx.to_pure_dict(model.abstract_params))
+
+
 def train_state_shardings(model: Model, optimizer: optax.GradientTransformation,
                           mesh: jax.sharding.Mesh) -> TrainState:
     """Shardings of every `TrainState` leaf: Adam's moments follow their parameters; counters and
     the RNG are replicated."""
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                   nnx.to_pure_dict(model.abstract_params))
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    abstract_opt = jax.eval_shape(optimizer.init, param_shapes(model))
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, sharding: sharding, abstract_opt, model.param_shardings,
         transform_non_params=lambda _: replicated(mesh))
@@ -76,9 +80,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation, shardings:
 def abstract_train_state(shardings: TrainState, model: Model,
                          optimizer: optax.GradientTransformation) -> TrainState:
     """`jax.ShapeDtypeStruct`s with shardings for every leaf: the target a checkpoint restores into."""
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                   nnx.to_pure_dict(model.abstract_params))
-    shapes = TrainState(abstract_params, jax.eval_shape(optimizer.init, abstract_params),
+    shapes = TrainState(param_shapes(model), jax.eval_shape(optimizer.init, param_shapes(model)),
                         jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32))
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                         shapes, shardings)
