@@ -37,7 +37,6 @@ import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -135,8 +134,10 @@ class Decoder:
 
     def step(self) -> jax.Array:
         s = self.settings
+        # Prompts of one length and no stop id: what generate runs (no sequence stops before another).
         self.carry, new_bk = decode.decode_block(self.graphdef, self.params, self.carry, *self.forced,
-                                                 self.keys_b, s["max_new"], s["sampling"], s["eos_id"])
+                                                 self.keys_b, s["max_new"], s["sampling"], s["eos_id"],
+                                                 hold=False)
         return new_bk
 
 
@@ -200,7 +201,8 @@ class TorchscaleDecoder:
         self.torch.set_num_threads(self.threads)
         with self.torch.no_grad():
             for _ in range(self.steps):
-                logits, _ = self.decoder(self.tokens[:, :self.length], incremental_state=self.incremental_state)
+                logits, _ = self.decoder(self.tokens[:, :self.length],
+                                         incremental_state=self.incremental_state)
                 token = int(logits[0, -1].argmax())
                 self.tokens[0, self.length] = token
                 self.length += 1
@@ -295,7 +297,8 @@ def format_row(row) -> str:
         text += f" x{row['retnet_speedup_over_transformer']['median']:.2f}"
     for name in ("torchscale", "torchscale_1thread"):
         if f"{name}_ms" in row:
-            text += f" | {name} {row[name + '_ms']:7.2f} ms x{row['retnet_speedup_over_' + name]['median']:.2f}"
+            speedup = row[f"retnet_speedup_over_{name}"]["median"]
+            text += f" | {name} {row[name + '_ms']:7.2f} ms x{speedup:.2f}"
     if "torchscale_same_tokens" in row:
         text += f" (same tokens: {row['torchscale_same_tokens']})"
     if "floor_ms" in row:
@@ -327,7 +330,8 @@ def paired_retnet(retnet: RetNet, args) -> dict:
     """RetNet's latency at the shortest and longest context (batch 1), and at batch 1 and the largest
     batch (the batch-sweep context), all four decoders taking turns in the same rounds: the two
     targets about them are ratios within a round, which a shared machine's drift does not bias."""
-    short, long, sweep, batch = args.contexts[0], args.contexts[-1], args.batch_sweep_context, max(args.batches)
+    short, long = args.contexts[0], args.contexts[-1]
+    sweep, batch = args.batch_sweep_context, max(args.batches)
     decoders = {}
     for name, context, b in (("short", short, 1), ("long", long, 1), ("batch1", sweep, 1),
                              ("batch_max", sweep, batch)):
@@ -440,7 +444,8 @@ def add_floors(rows, models) -> None:
     bandwidth = float(np.median([r["bandwidth_gb_s"] for r in rows if "bandwidth_gb_s" in r])) * 1e9
     for r in rows:
         r["retnet_floor_ms"] = 1e3 * (models["read_bytes"] + 2 * r["retnet_state_bytes"]) / bandwidth
-        r["transformer_floor_ms"] = 1e3 * (models["transformer_read_bytes"] + r["transformer_cache_bytes"]) / bandwidth
+        transformer_bytes = models["transformer_read_bytes"] + r["transformer_cache_bytes"]
+        r["transformer_floor_ms"] = 1e3 * transformer_bytes / bandwidth
         for name in ("retnet", "transformer"):
             if f"{name}_ms" in r:
                 r[f"{name}_over_its_floor"] = r[f"{name}_ms"] / r[f"{name}_floor_ms"]
@@ -617,7 +622,8 @@ def main(argv=None) -> int:
     cfg = MODEL_CFG
     if args.quick:
         cfg = QUICK_CFG
-        args.contexts, args.batches, args.throughput_batch, args.batch_sweep_context = [64, 128], [1, 2], 2, 128
+        args.contexts, args.batches = [64, 128], [1, 2]
+        args.throughput_batch, args.batch_sweep_context = 2, 128
         args.steps, args.rounds, args.matvec_size = 4, 1, 512
 
     info = machine()
@@ -627,7 +633,8 @@ def main(argv=None) -> int:
     transformer = Transformer(tcfg, rngs=nnx.Rngs(1))
     matvec, matvec_bytes = matvec_step(args.matvec_size)
     models = {"retnet": retnet, "transformer": transformer, "matvec": matvec, "matvec_bytes": matvec_bytes,
-              "param_bytes": nbytes(nnx.split(retnet, nnx.Param)[1]), "read_bytes": bytes_read_per_token(retnet),
+              "param_bytes": nbytes(nnx.split(retnet, nnx.Param)[1]),
+              "read_bytes": bytes_read_per_token(retnet),
               "transformer_param_bytes": nbytes(nnx.split(transformer, nnx.Param)[1]),
               "transformer_read_bytes": bytes_read_per_token(transformer)}
     print(f"RetNet {cfg}\nTransformer ffn_dim {tcfg.ffn_dim}; parameters {models['param_bytes'] / 2**20:.1f} "
@@ -665,7 +672,8 @@ def main(argv=None) -> int:
                            "batches": args.batches, "throughput_batch": args.throughput_batch,
                            "batch_sweep_context": args.batch_sweep_context,
                            "matvec_bytes": matvec_bytes},
-              "prefill": prefill, "paired": paired, "decode": rows, "weight_streaming": diagnostic, "checks": checks}
+              "prefill": prefill, "paired": paired, "decode": rows, "weight_streaming": diagnostic,
+              "checks": checks}
     write_results(result, args.out)
     return 0
 

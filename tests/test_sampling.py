@@ -49,12 +49,21 @@ def retnet():
     return build("retnet")
 
 
-@pytest.fixture(scope="module")
-def parallel(model):
+def parallel_pass(model):
     """`logits(tokens [B, T])`: the model's parallel pass, compiled once per shape."""
     graphdef, params = nnx.split(model)
     apply = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens, mode="parallel")[0])
     return lambda tokens: apply(params, jnp.asarray(tokens, jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def parallel(model):
+    return parallel_pass(model)
+
+
+@pytest.fixture(scope="module")
+def parallel_retnet(retnet):
+    return parallel_pass(retnet)
 
 
 def continued(prompts, tokens_bn, counts_b) -> np.ndarray:
@@ -80,6 +89,15 @@ def test_greedy_generation_is_the_argmax_continuation_of_parallel_passes(model, 
         top2_n2 = np.sort(predicting_nv, axis=-1)[:, -2:]
         assert np.min(top2_n2[:, 1] - top2_n2[:, 0]) > 1e-4  # no near-ties: the argmax is well defined
         np.testing.assert_array_equal(np.asarray(out.tokens_bn[b]), predicting_nv.argmax(-1))
+
+
+def test_prompts_of_one_length_decode_together_without_holding_states(retnet, parallel_retnet):
+    """Prompts of one length and no stop id all stop at the same step, so no state is held: the
+    greedy tokens are still each prompt's argmax continuation."""
+    prompts = [PROMPTS[1], PROMPTS[2][:13]]
+    out = generate(retnet, prompts, max_new_tokens=N_NEW)
+    logits_btv = np.asarray(parallel_retnet(continued(prompts, out.tokens_bn, out.counts_b)))
+    np.testing.assert_array_equal(np.asarray(out.tokens_bn), logits_btv[:, 12:12 + N_NEW].argmax(-1))
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=40, top_p=0.95)],

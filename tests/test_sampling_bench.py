@@ -36,11 +36,15 @@ def test_quick_run_measures_every_configuration_and_reports_the_targets(bench, t
         assert row["retnet_ms"] > 0 and row["transformer_ms"] > 0 and row["retnet_state_bytes"] > 0
         assert row["retnet_floor_ms"] > 0 and row["load_average_before"] is not None
     assert all(rows[c, 1]["floor_ms"] > 0 for c in (64, 128))
-    if importlib.util.find_spec("torchscale") is not None:
+    if importlib.util.find_spec("torchscale") is not None:  # on all cores and on one thread
         assert all(rows[c, 1]["torchscale_same_tokens"] for c in (64, 128))
+        for name in ("torchscale", "torchscale_1thread"):
+            assert all(rows[c, 1][f"{name}_ms"] > 0 for c in (64, 128))
+        assert "retnet_speedup_over_torchscale_batch1" in result["checks"]
     assert [p["T"] for p in result["prefill"]] == [64, 128]
     assert result["weight_streaming"]["separate_ms"] > 0
-    assert {"retnet_batch1_step_over_memory_floor", "retnet_latency_batch2_over_batch1"} <= set(result["checks"])
+    assert {"retnet_latency_longest_over_shortest_context", "retnet_batch1_step_over_memory_floor",
+            "retnet_latency_batch2_over_batch1"} <= set(result["checks"])
     assert "targets (measured in this run)" in capsys.readouterr().out
 
 

@@ -40,7 +40,8 @@ def retnet():
     (PROMPTS, dict(top_p=1.5), r"top_p"),
     (PROMPTS, dict(prefill="recurrent"), r"prefill must be one of \('chunkwise', 'parallel'\)"),
     (PROMPTS, dict(eos_id=VOCAB), r"eos_id must be None or an id in \[0, 40\)"),
-    (PROMPTS, dict(key=jax.random.split(jax.random.key(0), 3)), r"key must be one PRNG key or one per sequence \(2\)"),
+    (PROMPTS, dict(key=jax.random.split(jax.random.key(0), 3)),
+     r"key must be one PRNG key or one per sequence \(2\)"),
     (PROMPTS, dict(seed="7"), r"seed must be an int"),
 ])
 def test_bad_requests_are_refused_naming_the_argument(retnet, prompts, kwargs, match):

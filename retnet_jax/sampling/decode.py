@@ -47,10 +47,10 @@ def prefill(graphdef, params, tokens_bt: jax.Array, state, *, mode: str, chunk_s
     return DecodeCarry(state, logits_b1v[:, 0], jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
 
 
-@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="carry")
+@functools.partial(jax.jit, static_argnames=("graphdef", "hold"), donate_argnames="carry")
 def decode_block(graphdef, params, carry: DecodeCarry, forced_tokens_bk: jax.Array,
                  forced_bk: jax.Array, keys_b: jax.Array, max_new: jax.Array, sampling: Sampling,
-                 eos_id: jax.Array) -> tuple[DecodeCarry, jax.Array]:
+                 eos_id: jax.Array, *, hold: bool = True) -> tuple[DecodeCarry, jax.Array]:
     """Up to K = `forced_bk.shape[1]` decode steps, ending early once every sequence has stopped.
 
     Each step, each sequence still running either feeds its next prompt token (`forced_bk[:, t]`:
@@ -58,6 +58,8 @@ def decode_block(graphdef, params, carry: DecodeCarry, forced_tokens_bk: jax.Arr
     `fold_in(keys_b[b], count_b[b])` (so a sequence's j-th token draws with the same key whatever
     the batch around it), then feeds it. A sequence stops after generating `eos_id` or its `max_new`-th
     token; its state then stays as it was (`hold_finished`), having consumed every token it generated.
+    `hold=False` skips that where no sequence can stop before the others (one sequence, or prompts of
+    one length and no `eos_id`: all stop at the same step): it costs a state copy per step.
 
     Returns `(carry, new_bk)`: int32 `[B, K]`, the tokens each sequence generated in this block,
     packed from column 0 (`carry.count_b` minus the previous count says how many; the rest is 0).
@@ -85,7 +87,8 @@ def decode_block(graphdef, params, carry: DecodeCarry, forced_tokens_bk: jax.Arr
         count_b = carry.count_b + generating_b
         done_b = carry.done_b | (generating_b & ((chosen_b == eos_id) | (count_b >= max_new)))
         logits_b1v, state = model(token_b[:, None], mode="recurrent", state=carry.state)
-        state = hold_finished(carry.state, state, active_b)
+        if hold:
+            state = hold_finished(carry.state, state, active_b)
         return t + 1, DecodeCarry(state, logits_b1v[:, 0], count_b, done_b), new_bk
 
     new_bk = jnp.zeros((batch, steps), jnp.int32)

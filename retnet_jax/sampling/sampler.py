@@ -49,6 +49,7 @@ class _Run(NamedTuple):
     max_new: jax.Array
     sampling: Sampling
     eos_id: jax.Array
+    hold: bool  # whether sequences can stop at different steps (decode_block's `hold`)
 
 
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -84,6 +85,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
     run, carry = _start(model, prompts, lengths=lengths, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, key=key,
                         eos_id=eos_id, prefill_mode=prefill, chunk_size=chunk_size, capacity=capacity)
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)):
+        raise ValueError(f"pad_id must be an int, got {pad_id!r}")
     batch = run.prompts.lengths_b.size
     tokens_bn = np.full((batch, max_new_tokens), pad_id, np.int32)
     for carry, new_bk, before_b, after_b in _blocks(run, carry, GENERATE_BLOCK):
@@ -116,8 +119,9 @@ def _blocks(run: _Run, carry: DecodeCarry, block_steps: int):
     first_step = 0
     while True:
         tokens_bk, forced_bk = forced_tokens(run.prompts, first_step, block_steps)
-        carry, new_bk = decode.decode_block(run.graphdef, run.params, carry, tokens_bk, forced_bk, run.keys_b,
-                                     run.max_new, run.sampling, run.eos_id)
+        carry, new_bk = decode.decode_block(run.graphdef, run.params, carry, tokens_bk, forced_bk,
+                                            run.keys_b, run.max_new, run.sampling, run.eos_id,
+                                            hold=run.hold)
         after_b, done_b = np.asarray(carry.count_b), np.asarray(carry.done_b)
         yield carry, np.asarray(new_bk), before_b, after_b
         if done_b.all():
@@ -153,8 +157,10 @@ def _start(model, prompts, *, lengths=None, max_new_tokens, temperature=0.0, top
     graphdef, params = nnx.split(model)
     carry = decode.prefill(graphdef, params, jnp.asarray(prompts.tokens_bt[:, :prompts.prefix]), state,
                     mode=prefill_mode, chunk_size=chunk_size)
+    ragged = prompts.lengths_b.min() != prompts.lengths_b.max()
     run = _Run(graphdef, params, prompts, _sequence_keys(seed, key, batch), jnp.int32(max_new_tokens),
-               sampling, jnp.int32(-1 if eos_id is None else eos_id))
+               sampling, jnp.int32(-1 if eos_id is None else eos_id),
+               hold=batch > 1 and (eos_id is not None or bool(ragged)))
     return run, carry
 
 
