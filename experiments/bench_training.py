@@ -14,7 +14,8 @@
    float32 matmul rate measured in the same process right after the step's timing (a shared
    machine's speed drifts over a long run; the run's start also records one).
 2. Compile time of the train step with 6 and with 24 layers (the layers are one `lax.scan`):
-   trace + lower, and XLA compile, each the median of 3 fresh processes per depth.
+   trace + lower, and XLA compile, in fresh processes, the depths alternating for 5 rounds; the
+   ratio is the median of the per-round ratios.
 3. The loop: `train()` on the main job's config (data pipeline, metrics, progress bar,
    checkpoints) against its bare jitted step fed pre-placed batches, the two taking turns.
 
@@ -77,6 +78,7 @@ from retnet_jax.train.step import make_train_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL, QUICK = "bench_training.json", "bench_training_quick.json"
+SECTIONS = ("steps", "compile", "loop")
 KINDS = (("retnet", "chunkwise"), ("retnet", "parallel"), ("transformer", "parallel"))
 WIDTHS = {k: getattr(MODEL_CFG, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "value_dim",
                                            "ffn_dim", "chunk_size")}
@@ -171,12 +173,17 @@ def measure_compile(layers: int, widths: dict, length: int) -> dict:
 
 def in_fresh_process(kind: str, spec: dict, timeout: float, fresh: bool = True) -> dict:
     """Run `--one KIND SPEC` in a new process and return its JSON (or the reason it failed);
-    `fresh=False` (the smoke run): in this process."""
+    `fresh=False` (the smoke run): in this process. Compile times are measured without this script's
+    huge-page tunable, as `retnet-jax train` runs (with it, the 24-layer XLA compile took 1.5x the
+    6-layer one on the 2-core EPYC; without it, the same)."""
     if not fresh:
         return measure_step(**spec) if kind == "step" else measure_compile(**spec)
+    env = dict(os.environ)
+    if kind == "compile":
+        env.pop("GLIBC_TUNABLES", None)
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", kind, json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, __file__, "--one", kind, json.dumps(spec), "--no-hugepages"],
+                              capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -273,10 +280,12 @@ def checks(rows: list[dict], compile_rows: list[dict], loop: dict, at: int) -> d
             out[f"{name}_at_{at}"] = next((r.get("error") for r in rows if (r["family"], r["mode"]) == other
                                            and r["T"] == at), "not run")
     depths = sorted({r["layers"] for r in compile_rows if "compile_s" in r})
-    if len(depths) == 2:
+    if len(depths) == 2:  # the median of per-round ratios: each round's two compiles ran moments apart
         for key in ("compile_s", "xla_compile_s"):
-            median = {d: float(np.median([r[key] for r in compile_rows if r.get("layers") == d])) for d in depths}
-            out[f"{key.removesuffix('_s')}_{depths[1]}_over_{depths[0]}_layers"] = median[depths[1]] / median[depths[0]]
+            shallow = [r[key] for r in compile_rows if r.get("layers") == depths[0]]
+            deep = [r[key] for r in compile_rows if r.get("layers") == depths[1]]
+            ratios = [b / a for a, b in zip(shallow, deep)]
+            out[f"{key.removesuffix('_s')}_{depths[1]}_over_{depths[0]}_layers"] = float(np.median(ratios))
     out["loop_over_bare_step"] = loop["median_loop_over_bare"]
     return out
 
@@ -287,11 +296,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per point (median kept)")
     parser.add_argument("--loop-steps", type=int, default=60)
     parser.add_argument("--loop-rounds", type=int, default=3)
-    parser.add_argument("--compile-rounds", type=int, default=3)
+    parser.add_argument("--compile-rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measured point")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--no-hugepages", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="measure only these sections (repeatable); the others are read back from "
+                             "--out's existing results")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -313,37 +325,48 @@ def main(argv=None) -> int:
     if args.quick and out.resolve() == (RESULTS / FULL).resolve():
         parser.error(f"--quick must not overwrite the committed {FULL}")
 
+    sections = args.only or SECTIONS
+    previous = json.loads(out.read_text()) if args.only and out.exists() else {}
+    if args.only and not previous:
+        parser.error(f"--only needs earlier results in {out}")
     info = machine()
     rate = matmul_gflops(max(args.repeats, 2))
     print(f"machine: {info}\nfloat32 matmul rate (this run): {rate:.1f} GFLOP/s, "
           f"{available_bytes() / 2**30:.1f} GiB free\n")
-    print(f"train step, batch 1, widths {widths}")
-    rows = []
-    for length in args.lengths:
-        for family, mode in KINDS:
-            spec = {"family": family, "mode": mode, "length": length, "widths": widths,
-                    "repeats": args.repeats}
-            row = in_fresh_process("step", spec, args.timeout, fresh=not args.quick)
-            row.setdefault("T", length)
-            rows.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
+    rows = previous.get("steps", [])
+    if "steps" in sections:
+        print(f"train step, batch 1, widths {widths}")
+        rows = []
+        for length in args.lengths:
+            for family, mode in KINDS:
+                spec = {"family": family, "mode": mode, "length": length, "widths": widths,
+                        "repeats": args.repeats}
+                row = in_fresh_process("step", spec, args.timeout, fresh=not args.quick)
+                row.setdefault("T", length)
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
 
-    print(f"\ncompile time of the train step (T={compile_length}; fresh processes, depths alternating)")
-    compile_rows = []
-    for _ in range(args.compile_rounds):
-        for layers in ((2, 4) if args.quick else (6, 24)):
-            row = in_fresh_process("compile", {"layers": layers, "widths": widths,
-                                               "length": compile_length}, args.timeout, fresh=not args.quick)
-            compile_rows.append(row)
-            print(f"  {layers:>2} layers: trace + lower {row.get('lower_s', float('nan')):.1f} s, XLA compile "
-                  f"{row.get('xla_compile_s', float('nan')):.1f} s", flush=True)
+    compile_rows = previous.get("compile", [])
+    if "compile" in sections:
+        print(f"\ncompile time of the train step (T={compile_length}; fresh processes, depths alternating)")
+        compile_rows = []
+        for _ in range(args.compile_rounds):
+            for layers in ((2, 4) if args.quick else (6, 24)):
+                row = in_fresh_process("compile", {"layers": layers, "widths": widths,
+                                                   "length": compile_length}, args.timeout, fresh=not args.quick)
+                compile_rows.append(row)
+                print(f"  {layers:>2} layers: trace + lower {row.get('lower_s', float('nan')):.1f} s, XLA "
+                      f"compile {row.get('xla_compile_s', float('nan')):.1f} s", flush=True)
 
-    print(f"\nthe train loop against its bare step ({loop_cfg.steps} steps, batch {loop_cfg.batch_size} "
-          f"x {loop_cfg.seq_len})")
-    loop = bench_loop(loop_cfg, args.loop_rounds)
+    loop = previous.get("loop")
+    if "loop" in sections:
+        print(f"\nthe train loop against its bare step ({loop_cfg.steps} steps, batch {loop_cfg.batch_size} "
+              f"x {loop_cfg.seq_len})")
+        loop = bench_loop(loop_cfg, args.loop_rounds)
 
     result = {"machine": info, "matmul_gflops": rate, "widths": widths, "steps": rows,
-              "compile": compile_rows, "loop": loop, "checks": checks(rows, compile_rows, loop, at)}
+              "compile": compile_rows, "loop": loop, "checks": checks(rows, compile_rows, loop, at),
+              "sections_measured_now": list(sections), "earlier_run": previous.get("machine")}
     print("\n" + table(rows))
     print("\nchecks: " + json.dumps(result["checks"], indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
