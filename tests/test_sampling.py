@@ -76,6 +76,17 @@ def continued(prompts, tokens_bn, counts_b) -> np.ndarray:
     return out
 
 
+def test_generate_and_stream_are_the_package_names_and_no_module_shadows_them():
+    """`from retnet_jax import generate` is the function (there is no `retnet_jax.generate` module)."""
+    import importlib.util
+
+    import retnet_jax
+    from retnet_jax import sampling
+
+    assert retnet_jax.generate is sampling.generate and retnet_jax.stream is sampling.stream
+    assert importlib.util.find_spec("retnet_jax.generate") is None
+
+
 def test_greedy_generation_is_the_argmax_continuation_of_parallel_passes(model, parallel):
     """Given prompts of lengths 5, 13, 21, greedy `generate` returns, for each sequence and step, the
     argmax of the parallel-pass logits of its prompt plus the tokens generated before."""
