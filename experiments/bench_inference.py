@@ -49,6 +49,7 @@ from bench_retention import MODEL_CFG, interleaved_times, machine, paired_ratio 
 
 from retnet_jax import RetNet, RetNetConfig  # noqa: E402
 from retnet_jax.baselines import Transformer, TransformerConfig  # noqa: E402
+from retnet_jax.layer_stack import stack_state, unstack_blocks, unstack_state  # noqa: E402
 from retnet_jax.sampling import check_sampling, decode  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,7 +126,7 @@ class Decoder:
     compiled call, the carry donated and replaced), returning the new tokens `[B, steps]`."""
 
     def __init__(self, model, carry: decode.DecodeCarry, steps: int):
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(unstack_blocks(model))  # as generate decodes
         self.carry, self.steps = carry, steps
         batch = carry.count_b.shape[0]
         self.forced = (jnp.zeros((batch, steps), jnp.int32), jnp.zeros((batch, steps), bool))
@@ -150,21 +151,21 @@ def retnet_prefill(model: RetNet, context: int, seed: int = 0) -> tuple[decode.D
     """The library's chunkwise prefill of `context` random tokens (batch 1): its carry, and the tokens."""
     tokens = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, (1, context)).astype(np.int32)
     graphdef, params = nnx.split(model)
-    carry = decode.prefill(graphdef, params, jnp.asarray(tokens), model.init_state(1), mode="chunkwise",
-                           chunk_size=None)
+    carry = decode.prefill(graphdef, params, jnp.asarray(tokens), unstack_state(model.init_state(1)),
+                           mode="chunkwise", chunk_size=None)
     return carry, tokens
 
 
 def tiled(carry: decode.DecodeCarry, batch: int) -> decode.DecodeCarry:
-    """A batch-1 carry repeated `batch` times (along axis 1 of the layer-stacked state)."""
-    state = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=1), carry.state)
+    """A batch-1 carry repeated `batch` times (the state: a list of per-layer states)."""
+    state = jax.tree.map(lambda x: jnp.repeat(x, batch, axis=0), carry.state)
     return fresh_carry(state, jnp.repeat(carry.logits_bv, batch, axis=0))
 
 
 def transformer_carry(model: Transformer, batch: int, capacity: int, length: int) -> decode.DecodeCarry:
     """A KV cache of `capacity` slots with every sequence at `length` (slots hold zeros)."""
-    state = model.init_state(batch, capacity)
-    state = state._replace(length_b=jnp.full(state.length_b.shape, length, jnp.int32))
+    state = [layer._replace(length_b=jnp.full((batch,), length, jnp.int32))
+             for layer in unstack_blocks(model).init_state(batch, capacity)]
     logits_bv = jnp.zeros((batch, model.cfg.vocab_size), jnp.float32)
     return fresh_carry(jax.tree.map(jnp.array, state), logits_bv)  # materialised: donatable
 
@@ -188,7 +189,7 @@ class TorchscaleDecoder:
         self.decoder = ts.RetNetDecoder(ts.RetNetConfig(**torchscale_args(cfg)),
                                         embed_tokens=torch.nn.Embedding(cfg.vocab_size, cfg.d_model)).eval()
         self.decoder.load_state_dict(to_torchscale(model), strict=True)
-        self.incremental_state = state_to_torchscale(carry.state, model)
+        self.incremental_state = state_to_torchscale(stack_state(carry.state), model)
         first = int(np.argmax(np.asarray(carry.logits_bv[0])))  # the token our prefill's logits choose
         self.tokens = torch.zeros((1, prompt.shape[1] + max_steps + 1), dtype=torch.long)
         self.tokens[0, :prompt.shape[1]] = torch.from_numpy(prompt[0].astype(np.int64))
@@ -316,7 +317,8 @@ def prefill_rows(model: RetNet, contexts, rounds: int) -> list[dict]:
                              jnp.int32)
         steps[context] = functools.partial(decode.prefill, graphdef, params, tokens, mode="chunkwise",
                                            chunk_size=None)
-    times = interleaved_times({c: (lambda f=f: f(model.init_state(1))) for c, f in steps.items()}, rounds)
+    fresh = {c: (lambda f=f: f(unstack_state(model.init_state(1)))) for c, f in steps.items()}
+    times = interleaved_times(fresh, rounds)
     rows = []
     for context, seconds in times.items():
         rows.append({"T": context, "seconds": float(np.median(seconds)), "round_seconds": seconds,
@@ -349,10 +351,13 @@ def paired_retnet(retnet: RetNet, args) -> dict:
     return out
 
 
-def weight_stream_diagnostic(cfg: RetNetConfig, steps: int, rounds: int, retnet_decoder: Decoder) -> dict:
-    """Where a batch-1 step's time goes: the model's weight matrices streamed by a chain of matvecs,
-    held as separate arrays (what a step must read at least), and the same chain with each kind of
-    weight stacked over layers and indexed inside a `lax.scan` (the model's layout), against the step."""
+def weight_stream_diagnostic(cfg: RetNetConfig, steps: int, rounds: int, retnet_decoder: Decoder,
+                             batch: int) -> dict:
+    """Where a step's time goes: the model's weight matrices streamed by a chain of matvecs, held as
+    separate arrays (what a batch-1 step must read at least), and the same chain with each kind of
+    weight stacked over layers and indexed inside a `lax.scan` (how the layers are stored), against the
+    library's step; and the separate chain at `batch` rows (the matrix products of a `batch` step
+    alone: with the state's traffic, the floor of a `batch` step)."""
     heads, dk, dv = cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
     shapes = [(cfg.d_model, heads * (2 * dk + 2 * dv)), (heads * dv, cfg.d_model),
               (cfg.d_model, 2 * cfg.ffn_dim), (cfg.ffn_dim, cfg.d_model)]
@@ -387,18 +392,21 @@ def weight_stream_diagnostic(cfg: RetNetConfig, steps: int, rounds: int, retnet_
         return jax.lax.fori_loop(0, steps, one, (jnp.zeros((1, 1), jnp.int32), state))
 
     x = jnp.ones((1, cfg.d_model), jnp.float32)
+    x_batch = jnp.ones((batch, cfg.d_model), jnp.float32)
     graphdef, params = retnet_decoder.graphdef, retnet_decoder.params
     state = jax.tree.map(jnp.copy, retnet_decoder.carry.state)
     chain_fn, scanned_fn, bare_fn = jax.jit(chain), jax.jit(scanned), jax.jit(bare_loop)
     times = interleaved_times({"separate": lambda: chain_fn(layers, out_vd, x),
                                "stacked_scan": lambda: scanned_fn(stacked, out_vd, x),
+                               f"separate_batch{batch}": lambda: chain_fn(layers, out_vd, x_batch),
                                "model_step_bare_loop": lambda: bare_fn(params, state),
                                "retnet_step": retnet_decoder.step}, rounds)
     out = {name: 1e3 * float(np.median(t)) / steps for name, t in times.items()}
     print(f"  batch-1 step {out['retnet_step']:.2f} ms (the model's step in a bare loop: "
           f"{out['model_step_bare_loop']:.2f} ms); the same weights streamed by matvecs: "
           f"{out['separate']:.2f} ms as separate arrays, {out['stacked_scan']:.2f} ms stacked and "
-          f"indexed in a layer scan", flush=True)
+          f"indexed in a layer scan; the separate chain at batch {batch}: "
+          f"{out[f'separate_batch{batch}']:.2f} ms", flush=True)
     return {f"{k}_ms": v for k, v in out.items()}
 
 
@@ -451,7 +459,7 @@ def add_floors(rows, models) -> None:
                 r[f"{name}_over_its_floor"] = r[f"{name}_ms"] / r[f"{name}_floor_ms"]
 
 
-def summarise(rows, prefill, paired, contexts, sweep_context, throughput_batch) -> dict:
+def summarise(rows, prefill, paired, contexts, sweep_context, throughput_batch, diagnostic) -> dict:
     """The issue's targets, as measured in this run (nothing here asserts)."""
     def row(context, batch):
         return next((r for r in rows if r["context"] == context and r["batch"] == batch), None)
@@ -513,6 +521,17 @@ def summarise(rows, prefill, paired, contexts, sweep_context, throughput_batch) 
     one, most = row(paired["batch_sweep_context"], 1), row(paired["batch_sweep_context"], batch)
     floor_text = (f"; the memory floors, state read and written, give "
                   f"{most['retnet_floor_ms'] / one['retnet_floor_ms']:.2f}x") if one and most else ""
+    products_ms = diagnostic.get(f"separate_batch{batch}_ms")
+    if one and most and products_ms and "bandwidth_gb_s" in one:
+        # A batch step cannot beat its matrix products plus reading and writing its state once; a
+        # batch-1 step cannot beat reading the weights once.
+        state_ms = 2 * most["retnet_state_bytes"] / (one["bandwidth_gb_s"] * 1e6)
+        floor_ratio = (products_ms + state_ms) / one["floor_ms"]
+        checks[f"floor_ratio_batch{batch}_over_batch1"] = {"value": floor_ratio, "target": None, "met": None,
+                                                           "products_ms": products_ms, "state_ms": state_ms}
+        floor_text += (f"; batch {batch}'s matrix products alone take {products_ms:.2f} ms and its state "
+                       f"traffic {state_ms:.2f} ms at the measured bandwidth: a floor of {floor_ratio:.2f}x "
+                       f"batch 1's")
     report(f"retnet_latency_batch{batch}_over_batch1", ratio["median"], "<= 3", ratio["median"] <= 3,
            f"RetNet latency at batch {batch} vs 1 (context {paired['batch_sweep_context']}): "
            f"{paired['ms']['batch_max']:.2f} / {paired['ms']['batch1']:.2f} ms, {ratio['median']:.2f}x per "
@@ -666,12 +685,14 @@ def main(argv=None) -> int:
 
     print("\nwhere the batch-1 step's time goes")
     carry, _ = retnet_prefill(retnet, args.contexts[0])
-    diagnostic = weight_stream_diagnostic(cfg, args.steps, args.rounds, Decoder(retnet, carry, args.steps))
+    diagnostic = weight_stream_diagnostic(cfg, args.steps, args.rounds, Decoder(retnet, carry, args.steps),
+                                          max(args.batches))
     diagnostic["floor_ms_median"] = float(np.median([r["floor_ms"] for r in rows if "floor_ms" in r]))
     diagnostic["state"] = state_stream_diagnostic(cfg, max(args.batches), args.rounds)
 
     add_floors(rows, models)
-    checks = summarise(rows, prefill, paired, args.contexts, args.batch_sweep_context, args.throughput_batch)
+    checks = summarise(rows, prefill, paired, args.contexts, args.batch_sweep_context, args.throughput_batch,
+                       diagnostic)
     result = {"machine": info, "load_average_end": load_average(), "memory_end": memory_info(),
               "model": cfg.to_dict(), "transformer_ffn_dim": tcfg.ffn_dim,
               "param_bytes": models["param_bytes"], "read_bytes_per_token": models["read_bytes"],

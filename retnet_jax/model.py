@@ -11,6 +11,7 @@ from retnet_jax.config import Mode, RetNetConfig, check_mode
 from retnet_jax.layers.block import RetNetBlock, dropout
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
+from retnet_jax.layer_stack import is_unstacked, layer_zero, run_blocks
 from retnet_jax.ops import RetentionState, init_state
 from retnet_jax.ops.kernels import resolve_kernels
 from retnet_jax.ops.validation import check_chunk_size
@@ -25,6 +26,8 @@ class RetNet(nnx.Module):
 
     The blocks are created with `nnx.vmap` and run with `jax.lax.scan`, so compile time does not grow
     with depth. The state is a `RetentionState` whose arrays carry a leading layer axis `[L, ...]`.
+    `retnet_jax.layer_stack.unstack_blocks(model)` gives the model for decoding: per-layer blocks,
+    and states as lists of per-layer `RetentionState`s.
     """
 
     def __init__(self, cfg: RetNetConfig, *, rngs: nnx.Rngs):
@@ -52,7 +55,11 @@ class RetNet(nnx.Module):
         call RetNet and the Transformer baseline (whose KV cache has a capacity) alike.
         """
         cfg = self.cfg
-        return per_layer(init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim), cfg.n_layers)
+        def empty():
+            return init_state(batch, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim)
+        if is_unstacked(self):
+            return [empty() for _ in range(cfg.n_layers)]
+        return per_layer(empty(), cfg.n_layers)
 
     def __call__(
         self,
@@ -91,19 +98,17 @@ class RetNet(nnx.Module):
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
         x_btd, layer_keys = embed_tokens(cfg, self.embed[...], self.embed_norm, tokens_bt, dropout_key)
 
-        graphdef, block_params = nnx.split(self.blocks)
         # A model state advances all its layers together, so they share one position per sequence.
-        # Taken from outside the layer scan, it makes the rotation angles (and every other function
-        # of position alone) loop-invariant: computed once, not stacked per layer.
-        position_b = state.position_b[0]
+        # Taken outside the layer loop, it makes the rotation angles (and every other function of
+        # position alone) loop-invariant: computed once, not stacked per layer.
+        position_b = layer_zero(state, "position_b")
 
-        def layer(x_btd, scanned):
-            params, layer_state, key = scanned
+        def layer(block, x_btd, layer_state, key):
             layer_state = layer_state._replace(position_b=position_b)
-            block = nnx.merge(graphdef, params)
             return block(x_btd, layer_state, mode=mode, chunk_size=chunk_size, dropout_key=key)
 
-        x_btd, state = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state, layer_keys))
+        x_btd, state = run_blocks(self.blocks, layer, x_btd, state, layer_keys,
+                                  lambda fn: remat_layer(fn, cfg.remat))
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
@@ -185,36 +190,50 @@ def check_tokens(tokens_bt, vocab_size: int) -> jax.Array:
     return tokens_bt
 
 
-def _poison_after_invalid(x_btd, state: RetentionState, invalid_bt):
-    """NaN features (hence NaN logits) from a sequence's first invalid id on, and a NaN state for that
-    sequence. Applied to the `[B, T, d]` features, not the `[B, T, vocab]` logits: the select and its
-    gradient then cost d/vocab as much."""
+def _poison_after_invalid(x_btd, state, invalid_bt):
+    """NaN features (hence NaN logits) from a sequence's first invalid id on, and a NaN normaliser
+    state for that sequence (every later output of it divides by that state). Applied to the `[B, T, d]`
+    features, not the `[B, T, vocab]` logits, and to the `[B, H, dk]` key sums, not the `[B, H, dk, dv]`
+    state: the selects then cost little beside the step."""
     poisoned_bt = jnp.cumsum(invalid_bt, axis=1) > 0
     x_btd = jnp.where(poisoned_bt[..., None], jnp.nan, x_btd)
-    poisoned_b = poisoned_bt[:, -1]
-    state = state._replace(
-        kv_bhkv=jnp.where(poisoned_b[None, :, None, None, None], jnp.nan, state.kv_bhkv),
-        key_bhk=jnp.where(poisoned_b[None, :, None, None], jnp.nan, state.key_bhk))
-    return x_btd, state
+    poisoned_b11 = poisoned_bt[:, -1, None, None]  # right-aligned: against [L, B, H, dk] or [B, H, dk]
+
+    def poison(layer_state: RetentionState) -> RetentionState:
+        return layer_state._replace(key_bhk=jnp.where(poisoned_b11, jnp.nan, layer_state.key_bhk))
+
+    return x_btd, ([poison(s) for s in state] if isinstance(state, list) else poison(state))
 
 
-def _check_model_state(state, model: RetNet, batch: int) -> RetentionState:
+def _check_model_state(state, model: RetNet, batch: int):
+    """`state` checked against the model: a stacked `RetentionState` (leaves `[L, B, ...]`), or for an
+    unstacked model a list of L per-layer ones (leaves `[B, ...]`)."""
     cfg = model.cfg
-    if not isinstance(state, RetentionState):
-        raise ValueError(f"state must be the RetentionState a RetNet call returned, got {type(state)}")
     layers, heads, dk, dv = cfg.n_layers, cfg.n_heads, cfg.key_head_dim, cfg.value_head_dim
-    expected = {
-        "state.kv_bhkv": ((layers, batch, heads, dk, dv), "[L, B, H, dk, dv]"),
-        "state.key_bhk": ((layers, batch, heads, dk), "[L, B, H, dk]"),
-        "state.position_b": ((layers, batch), "[L, B]"),
-    }
-    for (name, (want, layout)), got in zip(expected.items(), state):
-        if tuple(got.shape) != want:
-            raise ValueError(f"{name} must have shape {layout} = {want} for this model and tokens of "
-                             f"batch {batch}, got {tuple(got.shape)}")
-    if not isinstance(state.position_b, jax.core.Tracer):  # concrete: checkable here
-        position_lb = np.asarray(state.position_b)
+    shapes = {"kv_bhkv": ((batch, heads, dk, dv), "B, H, dk, dv"),
+              "key_bhk": ((batch, heads, dk), "B, H, dk"),
+              "position_b": ((batch,), "B")}
+    if is_unstacked(model):
+        if not isinstance(state, list) or len(state) != layers:
+            raise ValueError(f"state of a model with unstacked layers must be a list of {layers} per-layer "
+                             f"RetentionStates (layer_stack.unstack_state), got {type(state).__name__}")
+        prefix, layer_states = "state[i].", state
+    else:
+        prefix, layer_states = "state.", [state]
+        shapes = {name: ((layers, *want), f"L, {names}") for name, (want, names) in shapes.items()}
+    for layer_state in layer_states:
+        if not isinstance(layer_state, RetentionState):
+            raise ValueError(f"state must be the RetentionState a RetNet call returned, got "
+                             f"{type(layer_state).__name__}")
+        for name, (want, names) in shapes.items():
+            got = tuple(getattr(layer_state, name).shape)
+            if got != want:
+                raise ValueError(f"{prefix}{name} must have shape [{names}] = {want} for this model and "
+                                 f"tokens of batch {batch}, got {got}")
+    positions = [s.position_b for s in layer_states]
+    if not any(isinstance(p, jax.core.Tracer) for p in positions):  # concrete: checkable here
+        position_lb = np.concatenate([np.asarray(p).reshape(-1, batch) for p in positions])
         if not np.all(position_lb == position_lb[:1]):
-            raise ValueError("state.position_b must hold the same positions for every layer (a model "
+            raise ValueError(f"{prefix}position_b must hold the same positions for every layer (a model "
                              f"state advances its layers together), got {position_lb.tolist()}")
     return state

@@ -24,6 +24,7 @@ from flax import nnx
 
 from retnet_jax import RetNet, RetNetConfig, generate, stream
 from retnet_jax.baselines import KVCache, Transformer, TransformerConfig
+from retnet_jax.layer_stack import unstack_blocks
 from retnet_jax.sampling import decode
 
 VOCAB, N_NEW = 96, 12  # vocab != d_model (64): the two widths are told apart in compiled programs
@@ -127,7 +128,7 @@ def test_a_ragged_batch_gives_each_sequence_what_its_prompt_gives_alone(model, s
                 np.testing.assert_array_equal(np.asarray(got[:, b]), np.asarray(want[:, 0]))
             else:  # sums or keys/values; a KV cache's slots past a sequence's length are unused
                 n = prompt.size + N_NEW
-                got_b, want_b = (got[:, b, :n], want[:, 0, :n]) if isinstance(batch.state, KVCache) else (
+                got_b, want_b = (got[:, b, :, :n], want[:, 0, :, :n]) if isinstance(batch.state, KVCache) else (
                     got[:, b], want[:, 0])
                 assert_relative_close(got_b, want_b, TOL32)
 
@@ -247,6 +248,7 @@ def test_the_prefill_never_forms_logits_for_the_whole_prompt(retnet):
     logits are computed."""
     graphdef, params = nnx.split(retnet)
     tokens = jnp.zeros((2, 40), jnp.int32)
-    hlo = decode.prefill.lower(graphdef, params, tokens, retnet.init_state(2), mode="chunkwise",
+    state = unstack_blocks(retnet).init_state(2)  # per-layer, as generate passes it
+    hlo = decode.prefill.lower(graphdef, params, tokens, state, mode="chunkwise",
                                chunk_size=None).as_text()
     assert f"tensor<2x40x{VOCAB}xf32>" not in hlo and f"tensor<2x1x{VOCAB}xf32>" in hlo

@@ -145,13 +145,13 @@ def test_every_parameter_carries_logical_axes(model):
 
 def test_logits_and_cache_shapes(tcfg, apply, tokens):
     """Given 2 x 10 tokens and no state, then logits are float32 `[B, T, vocab]` and the cache holds
-    exactly those tokens: keys and values `[L, B, T, H, dh]`, lengths `[L, B]` at 10."""
+    exactly those tokens: keys and values `[L, B, H, T, dh]`, lengths `[L, B]` at 10."""
     logits, cache = apply(tokens)
     chex.assert_shape(logits, (2, LENGTH, tcfg.vocab_size))
     assert logits.dtype == jnp.float32
     assert isinstance(cache, KVCache)
-    chex.assert_shape([cache.key_bchk, cache.value_bchk],
-                      (tcfg.n_layers, 2, LENGTH, tcfg.n_heads, tcfg.head_dim))
+    chex.assert_shape([cache.key_bhck, cache.value_bhck],
+                      (tcfg.n_layers, 2, tcfg.n_heads, LENGTH, tcfg.head_dim))
     chex.assert_trees_all_equal(cache.length_b, jnp.full((tcfg.n_layers, 2), LENGTH, jnp.int32))
 
 
@@ -190,8 +190,8 @@ def test_prefill_then_decoding_reproduces_the_parallel_logits(variant, tiny_cfg,
     for t in range(6, LENGTH):
         step_logits, cache = apply(tokens[:, t:t + 1], mode="recurrent", state=cache)
         assert_relative_close(step_logits, reference[:, t:t + 1], TOL32)
-    assert_relative_close(cache.key_bchk[:, :, :LENGTH], reference_cache.key_bchk, TOL32)
-    assert_relative_close(cache.value_bchk[:, :, :LENGTH], reference_cache.value_bchk, TOL32)
+    assert_relative_close(cache.key_bhck[..., :LENGTH, :], reference_cache.key_bhck, TOL32)
+    assert_relative_close(cache.value_bhck[..., :LENGTH, :], reference_cache.value_bhck, TOL32)
     chex.assert_trees_all_equal(cache.length_b, reference_cache.length_b)
 
 
@@ -232,7 +232,7 @@ def test_bf16_model_caches_in_bf16_and_returns_float32_logits(tiny_cfg, tokens):
     model = nnx.eval_shape(lambda: Transformer(
         TransformerConfig.from_retnet(tiny_cfg.replace(dtype=jnp.bfloat16)), rngs=nnx.Rngs(0)))
     logits, cache = nnx.eval_shape(lambda m: m(tokens, state=m.init_state(2, CAPACITY)), model)
-    assert cache.key_bchk.dtype == cache.value_bchk.dtype == jnp.bfloat16
+    assert cache.key_bhck.dtype == cache.value_bhck.dtype == jnp.bfloat16
     assert logits.dtype == jnp.float32
 
 
@@ -344,8 +344,8 @@ def test_state_of_another_kind_is_rejected(model):
 
 
 def test_state_of_another_batch_size_is_rejected(model):
-    """A cache for 3 sequences, continued with 2, names state.key_bchk and its layout."""
-    with pytest.raises(ValueError, match=r"^state\.key_bchk must have shape \[L, B, C, H, dh\]"):
+    """A cache for 3 sequences, continued with 2, names state.key_bhck and its layout."""
+    with pytest.raises(ValueError, match=r"^state\.key_bhck must have shape \[L, B, H, C, dh\]"):
         model(jnp.zeros((2, 1), jnp.int32), state=model.init_state(3, 4))
 
 
@@ -394,5 +394,5 @@ def test_block_is_built_like_every_module(tcfg):
 
     y, cache = nnx.eval_shape(run)
     chex.assert_shape(y, (2, 5, tcfg.d_model))
-    chex.assert_shape([cache.key_bchk, cache.value_bchk], (2, 8, tcfg.n_heads, tcfg.head_dim))
+    chex.assert_shape([cache.key_bhck, cache.value_bhck], (2, tcfg.n_heads, 8, tcfg.head_dim))
     chex.assert_shape(cache.length_b, (2,))

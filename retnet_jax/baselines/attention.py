@@ -17,7 +17,7 @@ from retnet_jax.sharding import constrain
 
 QKV_GAIN = 2.0**-0.5  # torchscale's MultiheadAttention: xavier_uniform(gain=1/sqrt(2)) for q, k, v
 HEADS = ("batch", "length", "heads", "head_dim")
-CACHE = ("batch", "cache", "heads", "head_dim")
+CACHE = ("batch", "heads", "cache", "head_dim")
 
 
 def attend(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array,
@@ -31,6 +31,22 @@ def attend(q_bthk: jax.Array, k_bshk: jax.Array, v_bshk: jax.Array,
     mask = None if visible_bts is None else visible_bts[:, None]  # [B, 1 (heads), T, S]
     return jax.nn.dot_product_attention(q_bthk, k_bshk, v_bshk, mask=mask,
                                         is_causal=visible_bts is None, implementation=None)
+
+
+def attend_cache(q_bhtk: jax.Array, key_bhck: jax.Array, value_bhck: jax.Array,
+                 visible_btc: jax.Array) -> jax.Array:
+    """`softmax(q k^T / sqrt(dh)) v` per head over a cache's slots, `[B, H, T, dh]`, the keys and
+    values read in their stored heads-major layout (a `[B, C, H, dh]` layout costs a transposed copy
+    of the whole cache per step). Scores and softmax in float32, as `attend`'s."""
+    scale = q_bhtk.shape[-1] ** -0.5
+    scores_bhtc = jnp.einsum("bhtk,bhck->bhtc", q_bhtk, key_bhck, preferred_element_type=jnp.float32) * scale
+    scores_bhtc = jnp.where(visible_btc[:, None], scores_bhtc, -jnp.inf)  # slot 0 is always visible
+    probs_bhtc = jax.nn.softmax(scores_bhtc, axis=-1).astype(value_bhck.dtype)
+    return jnp.einsum("bhtc,bhck->bhtk", probs_bhtc, value_bhck)
+
+
+def heads_major(x_bthk: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x_bthk, 1, 2)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -67,13 +83,15 @@ class CausalSelfAttention(nnx.Module):
         q_bthk, k_bthk = rotate(q_bthk, position_bt, freqs_p), rotate(k_bthk, position_bt, freqs_p)
 
         if state is None:
-            o_bthk, key_bchk, value_bchk = attend(q_bthk, k_bthk, v_bthk), k_bthk, v_bthk
+            o_bthk = attend(q_bthk, k_bthk, v_bthk)
+            key_bhck, value_bhck = heads_major(k_bthk), heads_major(v_bthk)
         else:
-            key_bchk, value_bchk = (constrain(kv_cache.write(constrain(c, CACHE), new, length_b), CACHE)
-                                    for c, new in ((state.key_bchk, k_bthk), (state.value_bchk, v_bthk)))
-            visible_btc = kv_cache.visible(position_bt, key_bchk.shape[1])
-            o_bthk = attend(q_bthk, key_bchk, value_bchk, visible_btc)
+            key_bhck, value_bhck = (
+                constrain(kv_cache.write(constrain(c, CACHE), new, length_b), CACHE)
+                for c, new in ((state.key_bhck, k_bthk), (state.value_bhck, v_bthk)))
+            visible_btc = kv_cache.visible(position_bt, key_bhck.shape[2])
+            o_bthk = heads_major(attend_cache(heads_major(q_bthk), key_bhck, value_bhck, visible_btc))
         # Kept under remat="projections" like retention's output: recomputing it costs O(T^2).
         o_bthk = checkpoint_name(constrain(o_bthk, HEADS), "projections")
         y_btd = projection(o_bthk, self.out_proj[...], dtype=cfg.dtype, kernels=self.kernels)
-        return constrain(y_btd, ("batch", "length", "embed")), KVCache(key_bchk, value_bchk, length_b + steps)
+        return constrain(y_btd, ("batch", "length", "embed")), KVCache(key_bhck, value_bhck, length_b + steps)

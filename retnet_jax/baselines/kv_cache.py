@@ -15,17 +15,18 @@ import numpy as np
 
 class KVCache(NamedTuple):
     """One layer's keys and values (a pytree). A model's cache is the layers' stacked: every leaf
-    then has a leading layer axis (`[L, B, C, H, dh]`, `[L, B]`), as `RetentionState`'s has.
+    then has a leading layer axis (`[L, B, H, C, dh]`, `[L, B]`), as `RetentionState`'s has.
 
-    key_bchk:   rotated keys `[B, C, H, dh]` (C: capacity, in slots), in the compute dtype
-                (`cfg.dtype`): what the attention multiplies, so a bf16 model caches bf16.
-    value_bchk: values `[B, C, H, dh]`, same dtype.
+    key_bhck:   rotated keys `[B, H, C, dh]` (C: capacity, in slots), in the compute dtype
+                (`cfg.dtype`): what the attention multiplies, so a bf16 model caches bf16. Heads
+                before slots: the attention's products read the cache as stored, with no transpose.
+    value_bhck: values `[B, H, C, dh]`, same dtype.
     length_b:   int32 `[B]`: tokens each sequence has written. Slots at and past it are masked out,
                 whatever they hold.
     """
 
-    key_bchk: jax.Array
-    value_bchk: jax.Array
+    key_bhck: jax.Array
+    value_bhck: jax.Array
     length_b: jax.Array
 
 
@@ -33,16 +34,19 @@ def init_cache(batch: int, capacity: int, heads: int, head_dim: int, dtype) -> K
     """An empty one-layer cache: zeros, every sequence at length 0."""
     if not isinstance(capacity, (int, np.integer)) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-    zeros = jnp.zeros((batch, capacity, heads, head_dim), dtype)
-    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+    shape = (batch, heads, capacity, head_dim)
+    # Two buffers, not one array twice: decoding donates the cache, which needs distinct buffers.
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
 
-def write(cache_bchk: jax.Array, new_bthk: jax.Array, length_b: jax.Array) -> jax.Array:
-    """`new` written to slots `length_b + t` of each sequence; writes past the capacity are dropped."""
+def write(cache_bhck: jax.Array, new_bthk: jax.Array, length_b: jax.Array) -> jax.Array:
+    """`new [B, T, H, dh]` written to slots `length_b + t` of each sequence; writes past the capacity
+    are dropped. Only batch and slot are indexed: the heads stay a window of the scatter, which a
+    mesh can then split by head without gathering the cache."""
     batch, steps = new_bthk.shape[:2]
     slot_bt = length_b[:, None] + jnp.arange(steps)
-    return cache_bchk.at[jnp.arange(batch)[:, None], slot_bt].set(new_bthk.astype(cache_bchk.dtype),
-                                                                  mode="drop")
+    return cache_bhck.at[jnp.arange(batch)[:, None], :, slot_bt].set(new_bthk.astype(cache_bhck.dtype),
+                                                                     mode="drop")
 
 
 def visible(position_bt: jax.Array, capacity: int) -> jax.Array:

@@ -17,6 +17,7 @@ from retnet_jax.baselines.kv_cache import KVCache
 from retnet_jax.config import Mode, check_mode
 from retnet_jax.layers.fused import unembed
 from retnet_jax.layers.norms import Norm
+from retnet_jax.layer_stack import is_unstacked, layer_zero, run_blocks
 from retnet_jax.model import (LAYER_METADATA, check_tokens, embed_tokens, embedding_table, per_layer,
                               remat_layer)
 from retnet_jax.ops.kernels import resolve_kernels
@@ -51,9 +52,13 @@ class Transformer(nnx.Module):
 
     def init_state(self, batch: int, capacity: int) -> KVCache:
         """An empty cache for `batch` sequences of up to `capacity` tokens each (prompt included):
-        keys and values `[L, B, C, H, dh]` at zero, lengths `[L, B]` at 0."""
+        keys and values `[L, B, H, C, dh]` at zero, lengths `[L, B]` at 0."""
         cfg = self.cfg
-        return per_layer(kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype), cfg.n_layers)
+        def empty():
+            return kv_cache.init_cache(batch, capacity, cfg.n_heads, cfg.head_dim, cfg.dtype)
+        if is_unstacked(self):
+            return [empty() for _ in range(cfg.n_layers)]
+        return per_layer(empty(), cfg.n_layers)
 
     def __call__(
         self,
@@ -92,29 +97,28 @@ class Transformer(nnx.Module):
         check_mode(mode)
         batch, steps = tokens_bt.shape
         if state is not None:
-            state = _check_cache(state, cfg, batch)
-            kv_cache.check_room(state.length_b[0], steps, state.key_bchk.shape[2])
+            state = _check_cache(state, cfg, batch, unstacked=is_unstacked(self))
+            kv_cache.check_room(layer_zero(state, "length_b"), steps, cache_capacity(state))
 
         invalid_bt = (tokens_bt < 0) | (tokens_bt >= cfg.vocab_size)
         x_btd, layer_keys = embed_tokens(cfg, self.embed[...], self.embed_norm, tokens_bt, dropout_key)
 
-        graphdef, block_params = nnx.split(self.blocks)
-        # One length per sequence for all layers, taken outside the layer scan: the rotation angles
+        # One length per sequence for all layers, taken outside the layer loop: the rotation angles
         # and masks are then loop-invariant.
-        length_b = jnp.zeros((batch,), jnp.int32) if state is None else state.length_b[0]
+        length_b = jnp.zeros((batch,), jnp.int32) if state is None else layer_zero(state, "length_b")
 
-        def layer(x_btd, scanned):
-            params, layer_state, key = scanned
+        def layer(block, x_btd, layer_state, key):
             if layer_state is not None:
                 layer_state = layer_state._replace(length_b=length_b)
-            return nnx.merge(graphdef, params)(x_btd, layer_state, dropout_key=key)
+            return block(x_btd, layer_state, dropout_key=key)
 
-        x_btd, cache = jax.lax.scan(remat_layer(layer, cfg.remat), x_btd, (block_params, state, layer_keys))
+        x_btd, cache = run_blocks(self.blocks, layer, x_btd, state, layer_keys,
+                                  lambda fn: remat_layer(fn, cfg.remat))
 
         if self.final_norm is not None:
             x_btd = self.final_norm(x_btd)
         position_bt = length_b[:, None] + jnp.arange(steps)
-        x_btd, cache = _poison_from(invalid_bt | (position_bt >= cache.key_bchk.shape[2]), x_btd, cache)
+        x_btd, cache = _poison_from(invalid_bt | (position_bt >= cache_capacity(cache)), x_btd, cache)
         if last_only:
             x_btd = x_btd[:, -1:]
         unembed_vd = self.embed[...] if self.unembed is None else self.unembed[...]
@@ -122,33 +126,56 @@ class Transformer(nnx.Module):
         return constrain(logits_btv, ("batch", "length", "vocab")), cache
 
 
-def _poison_from(bad_bt: jax.Array, x_btd: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def cache_capacity(cache) -> int:
+    """Slots per sequence of a stacked (`[L, B, H, C, dh]`) or per-layer list (`[B, H, C, dh]`) cache."""
+    return (cache[0] if isinstance(cache, list) else cache).key_bhck.shape[-2]
+
+
+def _poison_from(bad_bt: jax.Array, x_btd: jax.Array, cache) -> tuple[jax.Array, KVCache]:
     """NaN features from a sequence's first bad position on (an invalid id, or no room left under
-    jit), and NaN keys and values for that sequence, so its later calls are NaN too."""
+    jit), and a NaN key in that sequence's first slot (visible to every later query, so its later
+    calls are NaN too; one slot, not the whole cache, is written)."""
     poisoned_bt = jnp.cumsum(bad_bt, axis=1) > 0
     x_btd = jnp.where(poisoned_bt[..., None], jnp.nan, x_btd)
-    poisoned_b = poisoned_bt[:, -1][None, :, None, None, None]  # against [L, B, C, H, dh]
-    return x_btd, cache._replace(key_bchk=jnp.where(poisoned_b, jnp.nan, cache.key_bchk),
-                                 value_bchk=jnp.where(poisoned_b, jnp.nan, cache.value_bchk))
+    poisoned_b11 = poisoned_bt[:, -1, None, None]  # right-aligned: against [L, B, H, dh] or [B, H, dh]
+
+    def poison(layer_cache: KVCache) -> KVCache:
+        first_key = layer_cache.key_bhck[..., 0, :]
+        return layer_cache._replace(key_bhck=layer_cache.key_bhck.at[..., 0, :].set(
+            jnp.where(poisoned_b11, jnp.nan, first_key)))
+
+    return x_btd, ([poison(c) for c in cache] if isinstance(cache, list) else poison(cache))
 
 
-def _check_cache(state, cfg: TransformerConfig, batch: int) -> KVCache:
-    if not isinstance(state, KVCache):
-        raise ValueError(f"state must be the KVCache of init_state or of a Transformer call, got "
-                         f"{type(state).__name__}")
-    capacity = state.key_bchk.shape[2] if state.key_bchk.ndim == 5 else None
-    want = (cfg.n_layers, batch, capacity, cfg.n_heads, cfg.head_dim)
-    for name in ("key_bchk", "value_bchk"):
-        got = tuple(getattr(state, name).shape)
-        if got != want:
-            raise ValueError(f"state.{name} must have shape [L, B, C, H, dh] = {want} for this model "
-                             f"and tokens of batch {batch}, got {got}")
-    length_lb = state.length_b
-    if tuple(length_lb.shape) != (cfg.n_layers, batch) or not jnp.issubdtype(length_lb.dtype, jnp.integer):
-        raise ValueError(f"state.length_b must be integer with shape [L, B] = {(cfg.n_layers, batch)}, "
-                         f"got {length_lb.dtype}{tuple(length_lb.shape)}")
-    if not isinstance(length_lb, jax.core.Tracer) and not np.all(np.asarray(length_lb) == np.asarray(
-            length_lb[:1])):
-        raise ValueError("state.length_b must hold the same lengths for every layer (a model's cache "
-                         f"advances its layers together), got {np.asarray(length_lb).tolist()}")
+def _check_cache(state, cfg: TransformerConfig, batch: int, *, unstacked: bool = False):
+    """`state` checked against the model: a stacked `KVCache` (`[L, B, H, C, dh]`), or for an unstacked
+    model a list of L per-layer ones (`[B, H, C, dh]`)."""
+    if unstacked:
+        if not isinstance(state, list) or len(state) != cfg.n_layers:
+            raise ValueError(f"state of a model with unstacked layers must be a list of {cfg.n_layers} "
+                             f"per-layer KVCaches (layer_stack.unstack_state), got {type(state).__name__}")
+        layer_caches, prefix, layers, names = state, "state[i].", (), ""
+    else:
+        layer_caches, prefix, layers, names = [state], "state.", (cfg.n_layers,), "L, "
+    for cache in layer_caches:
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"state must be the KVCache of init_state or of a Transformer call, got "
+                             f"{type(cache).__name__}")
+        capacity = cache.key_bhck.shape[-2] if cache.key_bhck.ndim == len(layers) + 4 else None
+        want = (*layers, batch, cfg.n_heads, capacity, cfg.head_dim)
+        for name in ("key_bhck", "value_bhck"):
+            got = tuple(getattr(cache, name).shape)
+            if got != want:
+                raise ValueError(f"{prefix}{name} must have shape [{names}B, H, C, dh] = {want} for this "
+                                 f"model and tokens of batch {batch}, got {got}")
+        length = cache.length_b
+        if tuple(length.shape) != (*layers, batch) or not jnp.issubdtype(length.dtype, jnp.integer):
+            raise ValueError(f"{prefix}length_b must be integer with shape [{names}B] = {(*layers, batch)}, "
+                             f"got {length.dtype}{tuple(length.shape)}")
+    lengths = [c.length_b for c in layer_caches]
+    if not any(isinstance(n, jax.core.Tracer) for n in lengths):
+        length_lb = np.concatenate([np.asarray(n).reshape(-1, batch) for n in lengths])
+        if not np.all(length_lb == length_lb[:1]):
+            raise ValueError(f"{prefix}length_b must hold the same lengths for every layer (a model's cache "
+                             f"advances its layers together), got {length_lb.tolist()}")
     return state

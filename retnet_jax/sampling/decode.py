@@ -1,7 +1,10 @@
 """The compiled halves of generation: a prefill, and a block of decode steps in one `lax.while_loop`.
 
 Both are `jax.jit` functions of `nnx.split(model)`'s graph and parameters (dispatching the model's
-Python per token would cost more than a decode step on a CPU). Nothing about them depends on how
+Python per token would cost more than a decode step on a CPU). The prefill runs the model as built
+(layers stacked, one scan) and hands over the state as a list of per-layer states; the decode steps
+run the model with unstacked layers (`layer_stack.unstack_blocks`), each layer's weights and state
+read and updated in place. Nothing about them depends on how
 many tokens are asked for or how long the context is: the number of new tokens is a traced value,
 and the prompt tokens still to feed come a block at a time, in arrays of the block's size. So one
 compilation of `decode_block` serves every request of a batch size and block size (and, for the
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from retnet_jax.layer_stack import stack_state, unstack_state
 from retnet_jax.sampling.filters import Sampling, choose_tokens
 from retnet_jax.sampling.states import hold_finished
 
@@ -24,7 +28,8 @@ from retnet_jax.sampling.states import hold_finished
 class DecodeCarry(NamedTuple):
     """What one block of decode steps hands the next (a pytree; donated between blocks).
 
-    state: the model's state (`RetentionState` or `KVCache`), every sequence at its own position.
+    state: the model's state (`RetentionState`s or `KVCache`s), a list of one per layer, every
+      sequence at its own position.
     logits_bv: float32 `[B, vocab]`, each sequence's logits for its next token.
     count_b: int32 `[B]`, tokens generated so far.
     done_b: bool `[B]`, sequences that have stopped (end-of-sequence id, or `max_new` tokens).
@@ -39,12 +44,16 @@ class DecodeCarry(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "chunk_size"), donate_argnames="state")
 def prefill(graphdef, params, tokens_bt: jax.Array, state, *, mode: str, chunk_size: int | None
             ) -> DecodeCarry:
-    """Consume `tokens [B, T]` from `state` in `mode` ("chunkwise" or "parallel"); only the last
-    position's logits are computed (`last_only`): no `[B, T, vocab]` array is formed."""
+    """Consume `tokens [B, T]` from `state` (a list of per-layer states, as `decode_block` takes; a
+    stacked one is accepted too) in `mode` ("chunkwise" or "parallel") with the stacked model
+    (`graphdef, params`); only the last position's logits are computed (`last_only`): no
+    `[B, T, vocab]` array is formed."""
     model = nnx.merge(graphdef, params)
-    logits_b1v, state = model(tokens_bt, mode=mode, state=state, chunk_size=chunk_size, last_only=True)
+    logits_b1v, state = model(tokens_bt, mode=mode, state=stack_state(state), chunk_size=chunk_size,
+                              last_only=True)
     batch = tokens_bt.shape[0]
-    return DecodeCarry(state, logits_b1v[:, 0], jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool))
+    return DecodeCarry(unstack_state(state), logits_b1v[:, 0], jnp.zeros((batch,), jnp.int32),
+                       jnp.zeros((batch,), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "hold"), donate_argnames="carry")
@@ -52,6 +61,7 @@ def decode_block(graphdef, params, carry: DecodeCarry, forced_tokens_bk: jax.Arr
                  forced_bk: jax.Array, keys_b: jax.Array, max_new: jax.Array, sampling: Sampling,
                  eos_id: jax.Array, *, hold: bool = True) -> tuple[DecodeCarry, jax.Array]:
     """Up to K = `forced_bk.shape[1]` decode steps, ending early once every sequence has stopped.
+    `graphdef, params`: the model with unstacked layers (`nnx.split(unstack_blocks(model))`).
 
     Each step, each sequence still running either feeds its next prompt token (`forced_bk[:, t]`:
     it is still inside its prompt) or generates: it chooses a token from its logits, with the key

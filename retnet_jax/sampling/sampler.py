@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retnet_jax.layer_stack import stack_state, unstack_blocks
 from retnet_jax.sampling import decode, states
 from retnet_jax.sampling.decode import DecodeCarry
 from retnet_jax.sampling.filters import Sampling, check_sampling
@@ -42,7 +43,7 @@ class Generation(NamedTuple):
 class _Run(NamedTuple):
     """A validated request, prefilled: everything the decode blocks need."""
 
-    graphdef: Any
+    graphdef: Any  # the model with unstacked layers (`unstack_blocks`), split
     params: Any
     prompts: Prompts
     keys_b: jax.Array
@@ -92,7 +93,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 0.0, t
     for carry, new_bk, before_b, after_b in _blocks(run, carry, GENERATE_BLOCK):
         for b in range(batch):
             tokens_bn[b, before_b[b]:after_b[b]] = new_bk[b, :after_b[b] - before_b[b]]
-    return Generation(jnp.asarray(tokens_bn), carry.count_b, carry.state)
+    return Generation(jnp.asarray(tokens_bn), carry.count_b, stack_state(carry.state))
 
 
 def stream(model, prompts, *, max_new_tokens: int, block_steps: int = STREAM_BLOCK,
@@ -148,7 +149,8 @@ def _start(model, prompts, *, lengths=None, max_new_tokens, temperature=0.0, top
     needed = int(prompts.lengths_b.max()) + int(max_new_tokens)
     if capacity is None:
         capacity = CAPACITY_MULTIPLE * math.ceil(needed / CAPACITY_MULTIPLE)
-    state = model.init_state(batch, capacity)
+    decoder = unstack_blocks(model)  # layers one by one for decoding (read and updated in place)
+    state = decoder.init_state(batch, capacity)
     room = states.capacity(state)
     if room is not None and room < needed:
         raise ValueError(f"capacity: a KV cache of {room} tokens cannot hold the longest prompt "
@@ -158,6 +160,7 @@ def _start(model, prompts, *, lengths=None, max_new_tokens, temperature=0.0, top
     carry = decode.prefill(graphdef, params, jnp.asarray(prompts.tokens_bt[:, :prompts.prefix]), state,
                     mode=prefill_mode, chunk_size=chunk_size)
     ragged = prompts.lengths_b.min() != prompts.lengths_b.max()
+    graphdef, params = nnx.split(decoder)
     run = _Run(graphdef, params, prompts, _sequence_keys(seed, key, batch), jnp.int32(max_new_tokens),
                sampling, jnp.int32(-1 if eos_id is None else eos_id),
                hold=batch > 1 and (eos_id is not None or bool(ragged)))
