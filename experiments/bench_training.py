@@ -336,7 +336,8 @@ def main(argv=None) -> int:
     rows = previous.get("steps", [])
     if "steps" in sections:
         print(f"train step, batch 1, widths {widths}")
-        rows = []
+        # With --only, the lengths measured now replace theirs; the other lengths' rows are kept.
+        rows = [r for r in rows if r.get("T") not in args.lengths] if args.only else []
         for length in args.lengths:
             for family, mode in KINDS:
                 spec = {"family": family, "mode": mode, "length": length, "widths": widths,
@@ -364,9 +365,11 @@ def main(argv=None) -> int:
               f"x {loop_cfg.seq_len})")
         loop = bench_loop(loop_cfg, args.loop_rounds)
 
+    rows = sorted(rows, key=lambda r: r.get("T", 0))
     result = {"machine": info, "matmul_gflops": rate, "widths": widths, "steps": rows,
               "compile": compile_rows, "loop": loop, "checks": checks(rows, compile_rows, loop, at),
-              "sections_measured_now": list(sections), "earlier_run": previous.get("machine")}
+              "sections_measured_now": list(sections), "earlier_run": previous.get("machine"),
+              "lengths_measured_now": list(args.lengths) if "steps" in sections else []}
     print("\n" + table(rows))
     print("\nchecks: " + json.dumps(result["checks"], indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)

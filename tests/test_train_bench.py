@@ -38,3 +38,19 @@ def test_quick_run_measures_every_model_compile_times_and_the_loop(bench, tmp_pa
 def test_quick_run_refuses_to_overwrite_the_full_results(bench):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(bench.RESULTS / bench.FULL)])
+
+
+@pytest.mark.slow
+def test_only_steps_remeasures_its_lengths_and_keeps_the_others(bench, tmp_path):
+    """`--only steps` replaces the rows of the lengths measured now and keeps every other length's."""
+    out = tmp_path / "bench_training_quick.json"
+    assert bench.main(["--quick"]) == 0
+    result = json.loads(out.read_text())
+    kept = dict(result["steps"][0], T=99999, tokens_per_s=-1.0)  # a length this run does not measure
+    result["steps"].append(kept)
+    out.write_text(json.dumps(result))
+    assert bench.main(["--quick", "--only", "steps"]) == 0
+    again = json.loads(out.read_text())
+    assert [r for r in again["steps"] if r["T"] == 99999] == [kept]
+    assert len([r for r in again["steps"] if r["T"] == 64]) == 3 and again["lengths_measured_now"] == [64]
+    assert again["compile"] == result["compile"] and again["loop"] == result["loop"]
