@@ -36,14 +36,15 @@ from pathlib import Path
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
-def reexec_with_huge_pages(argv: list[str]) -> None:
-    """Run this script again with glibc's malloc asking for transparent huge pages (see above)."""
+def reexec_with_huge_pages(argv: list[str], script: str = __file__) -> None:
+    """Run `script` (this one by default) again with glibc's malloc asking for transparent huge pages
+    (see above)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "--no-hugepages" in argv
             or HUGE_PAGES in tunables):
         return
     env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *argv], env)
 
 
 if __name__ == "__main__":

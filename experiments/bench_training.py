@@ -39,27 +39,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_retention import (  # noqa: E402
-    HUGE_PAGES,
     MODEL_CFG,
     available_bytes,
     compile_or_oom,
     form_flops,
     machine,
     matmul_gflops,
+    reexec_with_huge_pages,
 )
 
-
-def reexec_with_huge_pages(argv: list[str]) -> None:
-    """This script again under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (see bench_retention.py)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if sys.platform != "linux" or "--no-hugepages" in argv or HUGE_PAGES in tunables:
-        return
-    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
-
-
 if __name__ == "__main__":
-    reexec_with_huge_pages(sys.argv[1:])
+    reexec_with_huge_pages(sys.argv[1:], __file__)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

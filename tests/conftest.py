@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+from pathlib import Path
 
 import chex
 import jax
@@ -236,3 +238,16 @@ def tiny_bf16_model(tiny_cfg) -> RetNet:
 @pytest.fixture(scope="session")
 def tiny_bf16_apply(tiny_bf16_model):
     return jit_model(tiny_bf16_model)
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def experiment_script(name: str, results_dir: Path, monkeypatch):
+    """`experiments/<name>.py` imported as a module with its `RESULTS` folder moved to `results_dir`:
+    the committed results are out of reach whatever the script writes."""
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", results_dir)
+    return module

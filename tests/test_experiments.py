@@ -4,30 +4,19 @@ import importlib.util
 import json
 import os
 import sys
-from pathlib import Path
 
 import jax
 import pytest
+from conftest import experiment_script
 
 from retnet_jax.ops.kernels import resolve_kernels
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
     """The benchmark script with its results folder moved to `tmp_path`: the committed results are
     out of reach whatever it writes."""
-    module = load_script("bench_retention")
-    monkeypatch.setattr(module, "RESULTS", tmp_path)
-    return module
+    return experiment_script("bench_retention", tmp_path, monkeypatch)
 
 
 @pytest.mark.slow

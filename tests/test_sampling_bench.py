@@ -3,21 +3,15 @@ benchmark runs; its full results are never touched."""
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_inference.py"
+from conftest import experiment_script
 
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
     """The script with its results folder moved to `tmp_path`."""
-    spec = importlib.util.spec_from_file_location("bench_inference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "RESULTS", tmp_path)
-    return module
+    return experiment_script("bench_inference", tmp_path, monkeypatch)
 
 
 @pytest.mark.slow

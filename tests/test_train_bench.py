@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_training.py"
+from conftest import experiment_script
 
 
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
     """The script with its results folder moved to `tmp_path` (the committed results stay as they are)."""
-    spec = importlib.util.spec_from_file_location("bench_training", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "RESULTS", tmp_path)
-    return module
+    return experiment_script("bench_training", tmp_path, monkeypatch)
 
 
 @pytest.mark.slow
